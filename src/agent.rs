@@ -1,0 +1,184 @@
+//! The owner of one running VM: the only code that touches the [`Vm`] after it starts. It
+//! serves the API socket and the VM's own events one at a time, so a migration, a stop and a
+//! guest exit can never race. Only `cancel` and `status` are answered beside it, from shared
+//! flags, so they work while a migration runs.
+
+use std::num::NonZeroUsize;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{select, unbounded, Sender};
+use godwit_transport::Transport;
+
+use crate::api::{Connection, Event, MigrateRequest, Request, Status};
+use crate::migration::policy::Limits;
+use crate::migration::report::{Outcome, Report};
+use crate::migration::source::{self, SendOptions};
+use crate::vmm::{Vm, VmEvent};
+
+/// How long the source waits for each answer from the destination.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the agent stopped.
+#[derive(Debug)]
+pub enum AgentExit {
+    /// The guest wrote this status to the debug-exit port.
+    GuestExit(u8),
+    /// The guest or a vCPU failed.
+    Crashed(String),
+    /// The VM moved to another host and was released here.
+    Migrated(Box<Report>),
+    /// An operator stopped the VM.
+    Stopped,
+}
+
+/// Why the API socket could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The socket could not be created.
+    #[error("cannot listen on the API socket {0}: {1}; check the directory exists and no other VM uses the path")]
+    Bind(PathBuf, std::io::Error),
+}
+
+/// Removes the socket file when the agent ends.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Serves `vm` until it exits, is stopped, or migrates away.
+pub fn serve(vm: Vm, api: Option<&Path>, transport: &dyn Transport) -> Result<AgentExit, AgentError> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let status = Arc::new(Mutex::new(Status {
+        state: "running".into(),
+        memory_bytes: vm.layout().total_bytes(),
+        vcpus: vm.vcpu_count(),
+        pid: std::process::id(),
+    }));
+    let (requests_tx, requests) = unbounded::<(Request, Connection)>();
+    let _socket = match api {
+        Some(path) => {
+            // A socket left by a VM process that died is stale; a live one refuses connections
+            // only if nobody listens, so removing a path in use is prevented by the check.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(AgentError::Bind(
+                    path.to_path_buf(),
+                    std::io::Error::new(std::io::ErrorKind::AddrInUse, "another VM process answers there"),
+                ));
+            }
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path).map_err(|e| AgentError::Bind(path.to_path_buf(), e))?;
+            let (cancel, status) = (cancel.clone(), status.clone());
+            std::thread::spawn(move || accept_loop(listener, requests_tx, cancel, status));
+            Some(SocketFile(path.to_path_buf()))
+        }
+        None => None,
+    };
+    let mut vm = vm;
+    loop {
+        select! {
+            recv(vm.events()) -> e => match e {
+                Ok(VmEvent::DebugExit(code)) => return Ok(AgentExit::GuestExit(code)),
+                Ok(VmEvent::Crashed(why)) => return Ok(AgentExit::Crashed(why)),
+                Err(_) => return Ok(AgentExit::Crashed("the vCPU threads are gone".into())),
+            },
+            recv(requests) -> r => {
+                let Ok((req, mut conn)) = r else { continue };
+                match req {
+                    Request::Migrate(m) => {
+                        set_state(&status, "migrating");
+                        cancel.store(false, Ordering::Relaxed);
+                        let report = migrate(&mut vm, transport, &m, &cancel, &mut conn);
+                        conn.send(&Event::Report(Box::new(report.clone())));
+                        match (report.outcome, report.vm_on_source) {
+                            (Outcome::Completed, _) => return Ok(AgentExit::Migrated(Box::new(report))),
+                            (_, true) => set_state(&status, "running"),
+                            (_, false) => set_state(&status, "paused"),
+                        }
+                    }
+                    Request::Stop => {
+                        conn.send(&Event::Ok);
+                        return Ok(AgentExit::Stopped);
+                    }
+                    Request::Status | Request::Cancel => {}
+                }
+            }
+        }
+    }
+}
+
+fn set_state(status: &Mutex<Status>, state: &str) {
+    if let Ok(mut s) = status.lock() {
+        s.state = state.into();
+    }
+}
+
+fn migrate(
+    vm: &mut Vm,
+    transport: &dyn Transport,
+    m: &MigrateRequest,
+    cancel: &AtomicBool,
+    conn: &mut Connection,
+) -> Report {
+    let opts = SendOptions {
+        destination: m.to.clone(),
+        streams: NonZeroUsize::new(m.streams).unwrap_or(NonZeroUsize::MIN),
+        threads: NonZeroUsize::new(m.threads).unwrap_or(NonZeroUsize::MIN),
+        compress: m.compress,
+        limits: Limits {
+            max_downtime: Duration::from_millis(m.max_downtime_ms),
+            max_rounds: m.max_rounds.max(1),
+        },
+        max_bandwidth: m.max_bandwidth,
+        reply_timeout: REPLY_TIMEOUT,
+    };
+    // A client that goes away does not stop the migration; it just sees no more progress.
+    source::migrate(vm, transport, &opts, cancel, &mut |p| {
+        conn.send(&Event::Progress(p.clone()));
+    })
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    owner: Sender<(Request, Connection)>,
+    cancel: Arc<AtomicBool>,
+    status: Arc<Mutex<Status>>,
+) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let Ok(mut conn) = Connection::new(stream) else { continue };
+        match conn.request() {
+            Ok(Request::Cancel) => {
+                let migrating = status.lock().map(|s| s.state == "migrating").unwrap_or(false);
+                if migrating {
+                    cancel.store(true, Ordering::Relaxed);
+                    conn.send(&Event::Ok);
+                } else {
+                    conn.send(&Event::Error {
+                        message: "no migration is in progress".into(),
+                    });
+                }
+            }
+            Ok(Request::Status) => {
+                let s = status.lock().map(|s| s.clone());
+                if let Ok(s) = s {
+                    conn.send(&Event::Status(s));
+                }
+            }
+            Ok(req) => {
+                if owner.send((req, conn)).is_err() {
+                    break;
+                }
+            }
+            Err(message) => {
+                conn.send(&Event::Error { message });
+            }
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Subcommands of `godwit`.
+
+mod render;
+mod units;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use godwit::agent::{self, AgentExit};
+use godwit::api::{Client, Event, MigrateRequest, Request};
+use godwit::heartbeat;
+use godwit::migration::destination::{self, ReceiveOptions};
+use godwit::migration::policy::{CompressMode, DEFAULT_MAX_ROUNDS};
+use godwit::migration::report::Outcome;
+use godwit::vmm::devices::SerialSink;
+use godwit::vmm::memory::MemoryLayout;
+use godwit::vmm::{Vm, VmConfig};
+use godwit_transport::{TcpListener, TcpTransport, Transport, TransportListener};
+
+/// Godwit moves running KVM virtual machines between hosts.
+#[derive(Parser, Debug)]
+#[command(name = "godwit", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The built-in test guests.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Guest {
+    /// Increments a byte in every page and checks the previous value: finds lost pages.
+    Memcheck,
+    /// Rewrites whole pages at a set rate (`--cmdline rate_mbps=N`), checking them too.
+    Dirtier,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a VM and serve it until it exits, is stopped, or migrates away.
+    Run {
+        /// A built-in test guest.
+        #[arg(long, conflicts_with = "kernel")]
+        guest: Option<Guest>,
+        /// A PVH ELF image to boot instead.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Command line passed to the guest (for the test guests: wss_mb=, rate_mbps=, hb_ms=, passes=).
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Guest RAM, e.g. 256M or 1G.
+        #[arg(long, default_value = "256M", value_parser = units::parse_size)]
+        memory: u64,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        cpus: u8,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Wait for a VM to arrive from another host, then serve it.
+    Receive {
+        /// Address to listen on, HOST:PORT.
+        #[arg(long)]
+        listen: String,
+        /// How long to wait for a source.
+        #[arg(long, default_value = "120s", value_parser = units::parse_duration)]
+        accept_timeout: Duration,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Move a running VM to a host where `godwit receive` waits.
+    Send {
+        /// The VM's API socket.
+        #[arg(long)]
+        api: PathBuf,
+        /// Destination, HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// Parallel data streams.
+        #[arg(long, default_value_t = 2)]
+        streams: usize,
+        /// Threads that read, zero-check and compress pages.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Compress pages: auto decides from measured link and compression rates.
+        #[arg(long, value_enum, default_value = "auto")]
+        compress: CompressMode,
+        /// Longest acceptable pause of the guest.
+        #[arg(long, default_value = "50ms", value_parser = units::parse_duration)]
+        max_downtime: Duration,
+        /// Most pre-copy rounds before giving up.
+        #[arg(long, default_value_t = DEFAULT_MAX_ROUNDS)]
+        max_rounds: u32,
+        /// Cap on the transfer rate, e.g. 100M (bytes per second).
+        #[arg(long, value_parser = units::parse_size)]
+        max_bandwidth: Option<u64>,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM's state.
+    Status {
+        /// The VM's API socket.
+        #[arg(long)]
+        api: PathBuf,
+    },
+    /// Cancel a VM's migration in progress; the VM keeps running where it is.
+    Cancel {
+        /// The VM's API socket.
+        #[arg(long)]
+        api: PathBuf,
+    },
+    /// Stop a VM.
+    Stop {
+        /// The VM's API socket.
+        #[arg(long)]
+        api: PathBuf,
+    },
+    /// Read test guests' serial logs (from every host the guest ran on) and report
+    /// reboots, counter breaks, guest-detected errors and the longest heartbeat gap.
+    Heartbeat {
+        /// Serial logs.
+        logs: Vec<PathBuf>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the built-in test guest's ELF image to a file (to boot it under QEMU).
+    ExportGuest {
+        /// Where to write it.
+        out: PathBuf,
+    },
+}
+
+/// Options of a process that hosts a VM.
+#[derive(clap::Args, Debug)]
+struct HostArgs {
+    /// Unix socket for `godwit send`, `status`, `cancel`, `stop`.
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// Append the guest's serial output, each line stamped with host time, to this file
+    /// (default: standard output).
+    #[arg(long)]
+    serial: Option<PathBuf>,
+}
+
+/// Runs the command line; returns the process exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("godwit: error: {e:#}");
+            2
+        }
+    }
+}
+
+fn dispatch(cmd: Command) -> Result<i32> {
+    match cmd {
+        Command::Run {
+            guest,
+            kernel,
+            cmdline,
+            memory,
+            cpus,
+            host,
+        } => {
+            let (image, cmdline) = match (guest, kernel) {
+                (Some(g), None) => {
+                    let mode = match g {
+                        Guest::Memcheck => "mode=check",
+                        Guest::Dirtier => "mode=dirty",
+                    };
+                    (godwit_guests::TESTGUEST_ELF.to_vec(), format!("{mode} {cmdline}"))
+                }
+                (None, Some(path)) => (
+                    std::fs::read(&path).with_context(|| format!("cannot read the image {}", path.display()))?,
+                    cmdline,
+                ),
+                _ => bail!("give a guest to boot: --guest memcheck|dirtier or --kernel FILE"),
+            };
+            let layout = MemoryLayout::for_size(memory)?;
+            let config = VmConfig {
+                vcpus: cpus,
+                layout,
+                tsc_khz: None,
+            };
+            let vm = Vm::boot(&config, &image, cmdline.trim(), serial_sink(host.serial.as_deref())?)?;
+            vm.resume()?;
+            eprintln!(
+                "godwit: VM running ({} MiB, {} vCPU){}",
+                memory >> 20,
+                cpus,
+                host.api.as_ref().map(|p| format!(", API at {}", p.display())).unwrap_or_default()
+            );
+            serve(vm, host.api.as_deref())
+        }
+        Command::Receive {
+            listen,
+            accept_timeout,
+            host,
+        } => {
+            let mut listener = TcpListener::bind(&listen)?;
+            eprintln!("godwit: waiting for a VM on {}", listener.local_addr());
+            let opts = ReceiveOptions {
+                accept_timeout,
+                idle_timeout: Duration::from_secs(60),
+            };
+            let (vm, received) = destination::receive(&mut listener, &opts, serial_sink(host.serial.as_deref())?)
+                .context("the incoming migration failed; nothing runs here, the VM keeps running on its source")?;
+            eprintln!(
+                "godwit: VM received ({} MiB, {} rounds, {:.0} ms) and running here",
+                received.guest_memory_bytes >> 20,
+                received.rounds,
+                received.total.as_secs_f64() * 1e3
+            );
+            serve(vm, host.api.as_deref())
+        }
+        Command::Send {
+            api,
+            to,
+            streams,
+            threads,
+            compress,
+            max_downtime,
+            max_rounds,
+            max_bandwidth,
+            json,
+        } => {
+            if streams == 0 || streams > 64 || threads == 0 || threads > 64 {
+                bail!("--streams and --threads take 1 to 64");
+            }
+            let mut client = Client::connect(&api)?;
+            client.send(&Request::Migrate(MigrateRequest {
+                to,
+                streams,
+                threads,
+                compress,
+                max_downtime_ms: max_downtime.as_millis() as u64,
+                max_rounds,
+                max_bandwidth,
+            }))?;
+            let mut bar = render::ProgressBar::new(!json);
+            loop {
+                match client.next_event()? {
+                    Some(Event::Progress(p)) => bar.update(&p),
+                    Some(Event::Report(r)) => {
+                        bar.finish();
+                        if json {
+                            println!("{}", serde_json::to_string(&r)?);
+                        } else {
+                            render::print_report(&r);
+                        }
+                        return Ok(if r.outcome == Outcome::Completed { 0 } else { 1 });
+                    }
+                    Some(Event::Error { message }) => bail!("{message}"),
+                    Some(_) => {}
+                    None => bail!("the VM process closed the connection before reporting; check its log"),
+                }
+            }
+        }
+        Command::Status { api } => {
+            let ev = request(&api, Request::Status)?;
+            println!("{}", serde_json::to_string_pretty(&ev)?);
+            Ok(0)
+        }
+        Command::Cancel { api } => match request(&api, Request::Cancel)? {
+            Event::Ok => {
+                println!("cancel requested; the VM stays on its source");
+                Ok(0)
+            }
+            Event::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer {other:?}"),
+        },
+        Command::Stop { api } => {
+            request(&api, Request::Stop)?;
+            println!("VM stopped");
+            Ok(0)
+        }
+        Command::Heartbeat { logs, json } => {
+            let texts = logs
+                .iter()
+                .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let s = heartbeat::analyse(&refs);
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                render::print_heartbeat(&s);
+            }
+            Ok(if s.healthy() { 0 } else { 1 })
+        }
+        Command::ExportGuest { out } => {
+            std::fs::write(&out, godwit_guests::TESTGUEST_ELF)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            Ok(0)
+        }
+    }
+}
+
+fn request(api: &Path, req: Request) -> Result<Event> {
+    let mut client = Client::connect(api)?;
+    client.send(&req)?;
+    client
+        .next_event()?
+        .context("the VM process closed the connection without answering")
+}
+
+fn serial_sink(path: Option<&Path>) -> Result<SerialSink> {
+    Ok(match path {
+        Some(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open the serial log {}", p.display()))?,
+        ),
+        None => Box::new(LineStdout),
+    })
+}
+
+/// Standard output, flushed per line so that an observer sees heartbeats as they happen.
+struct LineStdout;
+
+impl Write for LineStdout {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout().lock().write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().lock().flush()
+    }
+}
+
+fn serve(vm: Vm, api: Option<&Path>) -> Result<i32> {
+    let transport: &dyn Transport = &TcpTransport;
+    match agent::serve(vm, api, transport)? {
+        AgentExit::GuestExit(code) => {
+            eprintln!("godwit: the guest exited with status {code}");
+            Ok(i32::from(code))
+        }
+        AgentExit::Crashed(why) => bail!("the VM crashed: {why}"),
+        AgentExit::Migrated(r) => {
+            eprintln!(
+                "godwit: the VM now runs on the destination (pause {:.1} ms); released here",
+                r.downtime_ms
+            );
+            Ok(0)
+        }
+        AgentExit::Stopped => {
+            eprintln!("godwit: VM stopped by request");
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! What a person sees: the live progress bar, the final report, the heartbeat summary.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use godwit::heartbeat::Summary;
+use godwit::migration::report::{Outcome, Progress, Report};
+
+fn mib(b: f64) -> f64 {
+    b / (1u64 << 20) as f64
+}
+
+/// A one-line progress display on a terminal; on a pipe, a line a second.
+pub struct ProgressBar {
+    enabled: bool,
+    tty: bool,
+    last_line: Option<Instant>,
+    drawn: bool,
+}
+
+impl ProgressBar {
+    /// A bar that draws only when `enabled` (not under --json).
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            tty: std::io::stderr().is_terminal(),
+            last_line: None,
+            drawn: false,
+        }
+    }
+
+    /// Shows `p`.
+    pub fn update(&mut self, p: &Progress) {
+        if !self.enabled {
+            return;
+        }
+        let total = p.transferred_bytes as f64 + p.remaining_bytes as f64;
+        let done = if total > 0.0 { p.transferred_bytes as f64 / total } else { 1.0 };
+        let width = 24;
+        let filled = ((done * width as f64) as usize).min(width);
+        let line = format!(
+            "round {:>2} [{}{}] sent {:>8.1} MiB  left {:>7.1} MiB  {:>7.1} MiB/s  dirty {:>6.1} MiB/s  ETA {:>5.1} s",
+            p.round,
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            mib(p.transferred_bytes as f64),
+            mib(p.remaining_bytes as f64),
+            mib(p.rate_bytes_per_sec),
+            mib(p.dirty_bytes_per_sec),
+            p.eta_secs,
+        );
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r{line}\x1b[K");
+            self.drawn = true;
+        } else if self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            let _ = writeln!(err, "{line}");
+            self.last_line = Some(Instant::now());
+        }
+        let _ = err.flush();
+    }
+
+    /// Ends the bar's line.
+    pub fn finish(&mut self) {
+        if self.drawn {
+            eprintln!();
+            self.drawn = false;
+        }
+    }
+}
+
+/// Prints the final report for a person.
+pub fn print_report(r: &Report) {
+    let outcome = match r.outcome {
+        Outcome::Completed => "completed",
+        Outcome::Failed => "FAILED",
+        Outcome::Cancelled => "cancelled",
+    };
+    println!("migration {outcome} over {} ({} streams, {} threads)", r.transport, r.streams, r.threads);
+    if let Some(e) = &r.error {
+        println!("  error:        {e}");
+    }
+    println!("  total time:   {:.1} ms", r.total_ms);
+    println!(
+        "  downtime:     {:.2} ms (predicted {:.2} ms)",
+        r.downtime_ms, r.predicted_downtime_ms
+    );
+    println!(
+        "  sent:         {:.1} MiB of {:.0} MiB guest RAM; {} zero pages; compression ratio {:.2}",
+        mib(r.bytes_sent as f64),
+        mib(r.guest_memory_bytes as f64),
+        r.zero_pages,
+        r.compression_ratio
+    );
+    println!("  rounds:       {}", r.rounds);
+    for d in &r.round_details {
+        println!(
+            "    round {:>2}: {:>8} pages ({:>8} zero) {:>9.1} MiB on the wire in {:>8.1} ms{}; guest dirtied {} pages meanwhile",
+            d.round,
+            d.pages,
+            d.zero_pages,
+            mib(d.wire_bytes as f64),
+            d.ms,
+            if d.compressed { ", lz4" } else { "" },
+            d.dirtied_pages
+        );
+    }
+    println!(
+        "  the VM runs on the {}",
+        if r.vm_on_source { "source" } else if r.outcome == Outcome::Completed { "destination" } else { "destination or nowhere (in doubt): check both hosts" }
+    );
+}
+
+/// Prints what the guest's serial logs show.
+pub fn print_heartbeat(s: &Summary) {
+    println!(
+        "guest heartbeat: {} beats, last seq {}, {} boot(s), {} counter break(s), {} guest-reported error(s)",
+        s.heartbeats,
+        s.last_seq,
+        s.boots,
+        s.seq_breaks.len(),
+        s.errors.len()
+    );
+    println!(
+        "  longest gap between heartbeats: {:.1} ms (period {:.1} ms) -> pause seen from outside {:.1} ms; largest stall the guest measured itself: {:.2} ms",
+        s.longest_gap_ms,
+        s.median_gap_ms,
+        s.pause_seen_ms(),
+        s.max_stall_us as f64 / 1e3
+    );
+    for b in &s.seq_breaks {
+        println!("  counter break: {b}");
+    }
+    for e in s.errors.iter().take(10) {
+        println!("  guest error: {e}");
+    }
+    println!("  verdict: {}", if s.healthy() { "one uninterrupted life, memory and registers intact" } else { "NOT HEALTHY" });
+}

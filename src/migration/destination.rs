@@ -1,0 +1,260 @@
+//! The destination side: judges the incoming VM, builds an empty one, writes pages as they
+//! arrive, loads the state, and runs the VM only after the source's commit. Until then, any
+//! failure discards the VM here (it never ran) and the source keeps running its copy.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{select, unbounded, Receiver};
+use godwit_transport::{Connection, FrameSink, FrameSource, TransportListener};
+
+use super::batch::MemoryLimits;
+use super::phase::{DestinationPhase, PhaseLog};
+use super::pipeline::{spawn_receivers, StreamEvent};
+use super::protocol::{self, Hello, Message};
+use super::MigrationError;
+use crate::vmm::devices::SerialSink;
+use crate::vmm::state::missing_cpu_features;
+use crate::vmm::{self, Vm, VmConfig};
+
+/// How to receive a VM.
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    /// How long to wait for a source to connect.
+    pub accept_timeout: Duration,
+    /// How long the source may stay silent on every channel before the migration is
+    /// abandoned (pre-copy rounds keep data flowing; the control channel waits longer).
+    pub idle_timeout: Duration,
+}
+
+/// What the destination saw.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// Guest RAM received.
+    pub guest_memory_bytes: u64,
+    /// Rounds received.
+    pub rounds: u32,
+    /// From the connection to running the VM.
+    pub total: Duration,
+}
+
+/// Waits for one migration on `listener` and returns the VM, running.
+pub fn receive(
+    listener: &mut dyn TransportListener,
+    opts: &ReceiveOptions,
+    serial: SerialSink,
+) -> Result<(Vm, Received), MigrationError> {
+    let conn = listener.accept(opts.accept_timeout)?;
+    let started = Instant::now();
+    let aborts: Vec<_> = std::iter::once(&conn.control)
+        .chain(&conn.data)
+        .map(|c| c.abort_handle())
+        .collect();
+    let result = Session::new().run(conn, opts, serial);
+    if result.is_err() {
+        for a in &aborts {
+            let _ = a.shutdown();
+        }
+    }
+    let (vm, rounds) = result?;
+    let received = Received {
+        guest_memory_bytes: vm.layout().total_bytes(),
+        rounds,
+        total: started.elapsed(),
+    };
+    Ok((vm, received))
+}
+
+struct Session {
+    phase: PhaseLog<DestinationPhase>,
+}
+
+fn recv_message(source: &mut dyn FrameSource, buf: &mut Vec<u8>) -> Result<Message, MigrationError> {
+    if !source.recv(buf)? {
+        return Err(MigrationError::PeerVanished("the handshake"));
+    }
+    Ok(protocol::decode(buf)?)
+}
+
+fn send_message(sink: &mut dyn FrameSink, msg: &Message) -> Result<(), MigrationError> {
+    sink.send(&[&protocol::encode(msg)])?;
+    sink.flush()?;
+    Ok(())
+}
+
+/// Whether this host can take the VM the source describes; the refusal says what to fix.
+fn judge(hello: &Hello, data_streams: usize) -> Result<(), String> {
+    hello
+        .layout
+        .validate()
+        .map_err(|e| format!("the source's memory layout is invalid: {e}"))?;
+    if hello.vcpus == 0 || hello.vcpus > vmm::MAX_VCPUS {
+        return Err(format!("the VM has {} vCPUs; this host runs 1 to {}", hello.vcpus, vmm::MAX_VCPUS));
+    }
+    if usize::from(hello.streams) != data_streams {
+        return Err(format!(
+            "the source announced {} data streams but {} connected",
+            hello.streams, data_streams
+        ));
+    }
+    let need = hello.layout.total_bytes();
+    if let Some(avail) = vmm::host_available_memory() {
+        if need > avail {
+            return Err(format!(
+                "the VM needs {} MiB of RAM but this host has {} MiB available; free memory here or choose another destination",
+                need >> 20,
+                avail >> 20
+            ));
+        }
+    }
+    let host = vmm::host_supported_cpuid().map_err(|e| e.to_string())?;
+    let missing = missing_cpu_features(&hello.cpuid, &host);
+    if !missing.is_empty() {
+        return Err(format!(
+            "this host's CPU lacks features the guest uses ({}); migrate to a host with the same or a newer CPU, \
+             or start the VM with a CPU model both hosts support",
+            missing.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+impl Session {
+    fn new() -> Self {
+        Self {
+            phase: PhaseLog::new(DestinationPhase::Handshake),
+        }
+    }
+
+    fn go(&mut self, next: DestinationPhase) {
+        self.phase.go(next, DestinationPhase::can_go_to);
+    }
+
+    fn run(
+        &mut self,
+        conn: Connection,
+        opts: &ReceiveOptions,
+        serial: SerialSink,
+    ) -> Result<(Vm, u32), MigrationError> {
+        let result = self.steps(conn, opts, serial);
+        if result.is_err() {
+            self.go(DestinationPhase::Failed);
+        }
+        result
+    }
+
+    fn steps(
+        &mut self,
+        conn: Connection,
+        opts: &ReceiveOptions,
+        serial: SerialSink,
+    ) -> Result<(Vm, u32), MigrationError> {
+        let data_streams = conn.data.len();
+        let (mut control, mut ctl_source, _) = conn.control.into_parts();
+        let mut buf = Vec::new();
+
+        // Handshake: judge, build, accept.
+        let hello = match recv_message(&mut *ctl_source, &mut buf)? {
+            Message::Hello(h) => h,
+            m => return Err(MigrationError::Unexpected { expected: "Hello", got: m.name() }),
+        };
+        if let Err(why) = judge(&hello, data_streams) {
+            let _ = send_message(&mut *control, &Message::Refuse(why.clone()));
+            return Err(MigrationError::Refused(why));
+        }
+        let config = VmConfig {
+            vcpus: hello.vcpus,
+            layout: hello.layout.clone(),
+            tsc_khz: Some(hello.tsc_khz),
+        };
+        let vm = match Vm::incoming(&config, &hello.cpuid, serial) {
+            Ok(vm) => vm,
+            Err(e) => {
+                let why = format!("this host cannot build the VM: {e}");
+                let _ = send_message(&mut *control, &Message::Refuse(why.clone()));
+                return Err(MigrationError::Refused(why));
+            }
+        };
+        let limits = MemoryLimits::new(hello.layout.regions.iter().map(|r| (r.start, r.size)))
+            .map_err(|e| MigrationError::Refused(format!("the source's memory layout is invalid: {e}")))?;
+        let (events_tx, events) = unbounded();
+        let mut sources = Vec::with_capacity(data_streams);
+        for ch in conn.data {
+            ch.set_read_timeout(Some(opts.idle_timeout))?;
+            sources.push(ch.into_parts().1);
+        }
+        send_message(&mut *control, &Message::Accept)?;
+        self.go(DestinationPhase::Receiving);
+        // The threads end on their own when the source closes the streams.
+        drop(spawn_receivers(vm.memory().clone(), sources, Arc::new(limits), events_tx));
+
+        // Pages flow until the source switches over.
+        let inbox = protocol::spawn_inbox(ctl_source);
+        let mut rounds_done = vec![0u32; data_streams];
+        let (final_round, paused_at, state) = loop {
+            select! {
+                recv(inbox) -> m => match m.map_err(|_| MigrationError::PeerVanished("pre-copy"))?? {
+                    Message::Switchover { final_round, paused_at_unix_ns, state } => break (final_round, paused_at_unix_ns, state),
+                    Message::Abort(why) => return Err(MigrationError::PeerAborted(why)),
+                    m => return Err(MigrationError::Unexpected { expected: "Switchover", got: m.name() }),
+                },
+                recv(events) -> e => stream_event(e.ok(), &mut rounds_done)?,
+            }
+        };
+        let deadline = Instant::now() + opts.idle_timeout;
+        while rounds_done.iter().any(|&r| r < final_round) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = events.recv_timeout(left).map_err(|_| MigrationError::Timeout {
+                what: "the last pages of the final round",
+                secs: opts.idle_timeout.as_secs(),
+            })?;
+            stream_event(Some(e), &mut rounds_done)?;
+        }
+
+        // Load the state; run only after the commit.
+        self.go(DestinationPhase::Restoring);
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let paused_for = Duration::from_nanos(now_ns.saturating_sub(paused_at));
+        if let Err(e) = vm.restore(*state, paused_for) {
+            let _ = send_message(&mut *control, &Message::Abort(format!("the destination cannot load the VM state: {e}")));
+            return Err(e.into());
+        }
+        send_message(&mut *control, &Message::Restored)?;
+        self.go(DestinationPhase::AwaitCommit);
+        match wait_inbox(&inbox, opts.idle_timeout, "the source's commit")? {
+            Message::Commit => {}
+            Message::Abort(why) => return Err(MigrationError::PeerAborted(why)),
+            m => return Err(MigrationError::Unexpected { expected: "Commit", got: m.name() }),
+        }
+        vm.resume()?;
+        self.go(DestinationPhase::Running);
+        // The VM runs here now whatever happens to this message; the source releases on it.
+        let _ = send_message(&mut *control, &Message::Resumed);
+        Ok((vm, final_round))
+    }
+}
+
+fn stream_event(e: Option<StreamEvent>, rounds_done: &mut [u32]) -> Result<(), MigrationError> {
+    match e {
+        Some(StreamEvent::RoundEnd { stream, round }) => {
+            rounds_done[stream] = round;
+            Ok(())
+        }
+        Some(StreamEvent::Failed { stream, error }) => Err(MigrationError::Stream { stream, error }),
+        None => Err(MigrationError::PeerVanished("pre-copy")),
+    }
+}
+
+fn wait_inbox(
+    inbox: &Receiver<Result<Message, MigrationError>>,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<Message, MigrationError> {
+    inbox.recv_timeout(timeout).map_err(|_| MigrationError::Timeout {
+        what,
+        secs: timeout.as_secs(),
+    })?
+}

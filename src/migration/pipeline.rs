@@ -1,0 +1,419 @@
+//! The page pipeline.
+//!
+//! ```text
+//!  source:  dirty bitmap --scan--> batches (per stream) --> workers: copy, zero-check, lz4 --> stream sinks
+//!  dest:    stream sources --> one thread per stream: decode (validated), write into guest memory
+//! ```
+//!
+//! Pages are assigned to streams by address (256 KiB chunks, round-robin), so a page always
+//! travels on the same stream and TCP's in-order delivery keeps a newer copy of a page behind an
+//! older one. Within a round each page is sent once, and a round ends only after every batch
+//! of it was sent, so workers may finish batches in any order. Each stream closes a round with
+//! a marker carrying its batch count; the destination checks the count, so a lost batch is an
+//! error, never a silently stale page.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use godwit_transport::{FrameSink, FrameSource};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::batch::{self, BatchEncoder, Compression, Decoded, MemoryLimits, MAX_BATCH_PAGES, PAGE_SIZE};
+use super::MigrationError;
+use crate::vmm::memory::GuestMemory;
+
+/// Pages of one stream's address chunk (256 KiB).
+const CHUNK_PAGES: u64 = 64;
+/// Pages per batch (512 KiB raw): large enough to amortise a frame, small enough to spread
+/// over workers.
+const BATCH_PAGES: usize = 128;
+const _: () = assert!(BATCH_PAGES <= MAX_BATCH_PAGES);
+
+/// Limits the rate of page data on the wire (like QEMU's max-bandwidth).
+#[derive(Debug)]
+pub struct RateLimiter {
+    bytes_per_sec: f64,
+    next: Mutex<Instant>,
+}
+
+impl RateLimiter {
+    /// A limiter at `bytes_per_sec`.
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Self {
+            bytes_per_sec: bytes_per_sec.max(1) as f64,
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits until `bytes` may go.
+    fn acquire(&self, bytes: usize) {
+        let wait = {
+            let Ok(mut next) = self.next.lock() else { return };
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+            start - now
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// What one batch cost.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BatchStats {
+    /// Pages in the batch.
+    pub pages: u64,
+    /// Of those, all-zero pages.
+    pub zero_pages: u64,
+    /// Raw bytes of the non-zero pages.
+    pub raw_bytes: u64,
+    /// Bytes on the wire.
+    pub wire_bytes: u64,
+    /// Raw bytes that went compressed, and what they became.
+    pub compressed_raw: u64,
+    /// Compressed size of `compressed_raw`.
+    pub compressed_wire: u64,
+    /// Time spent compressing.
+    pub compress_time: Duration,
+}
+
+impl BatchStats {
+    fn add(&mut self, o: &BatchStats) {
+        self.pages += o.pages;
+        self.zero_pages += o.zero_pages;
+        self.raw_bytes += o.raw_bytes;
+        self.wire_bytes += o.wire_bytes;
+        self.compressed_raw += o.compressed_raw;
+        self.compressed_wire += o.compressed_wire;
+        self.compress_time += o.compress_time;
+    }
+}
+
+struct Job {
+    round: u32,
+    stream: usize,
+    pages: Vec<u64>,
+    compression: Compression,
+}
+
+struct Stream {
+    sink: Box<dyn FrameSink>,
+    batches: u64,
+}
+
+/// The source half: worker threads that turn batches of page addresses into frames.
+pub struct SendPipeline {
+    jobs: Option<Sender<Job>>,
+    results: Receiver<Result<BatchStats, MigrationError>>,
+    streams: Arc<Vec<Mutex<Stream>>>,
+    workers: Vec<JoinHandle<()>>,
+    limiter: Option<Arc<RateLimiter>>,
+}
+
+impl std::fmt::Debug for SendPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendPipeline")
+            .field("streams", &self.streams.len())
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
+
+impl SendPipeline {
+    /// Starts `workers` threads that read `memory` and send on `sinks`.
+    pub fn new(
+        memory: GuestMemory,
+        sinks: Vec<Box<dyn FrameSink>>,
+        workers: usize,
+        limiter: Option<RateLimiter>,
+    ) -> Self {
+        let streams: Arc<Vec<Mutex<Stream>>> = Arc::new(
+            sinks
+                .into_iter()
+                .map(|sink| Mutex::new(Stream { sink, batches: 0 }))
+                .collect(),
+        );
+        let limiter = limiter.map(Arc::new);
+        let (jobs_tx, jobs_rx) = bounded::<Job>(workers * 4);
+        let (results_tx, results_rx) = unbounded();
+        let workers = (0..workers.max(1))
+            .map(|i| {
+                let (jobs, results) = (jobs_rx.clone(), results_tx.clone());
+                let (memory, streams, limiter) = (memory.clone(), streams.clone(), limiter.clone());
+                std::thread::Builder::new()
+                    .name(format!("page-worker{i}"))
+                    .spawn(move || worker(memory, jobs, results, streams, limiter))
+                    .expect("spawning a page worker")
+            })
+            .collect();
+        Self {
+            jobs: Some(jobs_tx),
+            results: results_rx,
+            streams,
+            workers,
+            limiter,
+        }
+    }
+
+    /// Number of data streams.
+    pub fn streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Sends every page in `pages` (guest physical addresses) as round `round`, then closes
+    /// the round on every stream. `progress` is called as batches complete with the page
+    /// count done so far. Returns when all of the round is on the wire.
+    pub fn send_round(
+        &mut self,
+        round: u32,
+        pages: impl Iterator<Item = u64>,
+        compression: Compression,
+        cancel: &AtomicBool,
+        mut progress: impl FnMut(&BatchStats),
+    ) -> Result<BatchStats, MigrationError> {
+        let jobs = self.jobs.as_ref().ok_or(MigrationError::PipelineClosed)?;
+        let n = self.streams.len() as u64;
+        let mut pending: Vec<Vec<u64>> = vec![Vec::with_capacity(BATCH_PAGES); n as usize];
+        let mut outstanding = 0usize;
+        let mut total = BatchStats::default();
+        let mut collect = |block: bool, outstanding: &mut usize, total: &mut BatchStats| -> Result<(), MigrationError> {
+            loop {
+                let r = if block {
+                    match self.results.recv_timeout(Duration::from_secs(30)) {
+                        Ok(r) => r,
+                        Err(_) => return Err(MigrationError::Stalled("sending pages")),
+                    }
+                } else {
+                    match self.results.try_recv() {
+                        Ok(r) => r,
+                        Err(_) => return Ok(()),
+                    }
+                };
+                let stats = r?;
+                *outstanding -= 1;
+                total.add(&stats);
+                progress(total);
+                if block {
+                    return Ok(());
+                }
+            }
+        };
+        let dispatch = |stream: usize, batch: Vec<u64>, outstanding: &mut usize| -> Result<(), MigrationError> {
+            jobs.send(Job {
+                round,
+                stream,
+                pages: batch,
+                compression,
+            })
+            .map_err(|_| MigrationError::PipelineClosed)?;
+            *outstanding += 1;
+            Ok(())
+        };
+        for gpa in pages {
+            let s = ((gpa / PAGE_SIZE as u64 / CHUNK_PAGES) % n) as usize;
+            pending[s].push(gpa);
+            if pending[s].len() == BATCH_PAGES {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(MigrationError::Cancelled);
+                }
+                let batch = std::mem::replace(&mut pending[s], Vec::with_capacity(BATCH_PAGES));
+                dispatch(s, batch, &mut outstanding)?;
+                collect(false, &mut outstanding, &mut total)?;
+            }
+        }
+        for (s, batch) in pending.into_iter().enumerate() {
+            if !batch.is_empty() {
+                dispatch(s, batch, &mut outstanding)?;
+            }
+        }
+        while outstanding > 0 {
+            collect(true, &mut outstanding, &mut total)?;
+        }
+        for stream in self.streams.iter() {
+            let mut st = stream.lock().map_err(|_| MigrationError::PipelineClosed)?;
+            let frame = batch::encode_end_of_round(round, st.batches);
+            st.batches = 0;
+            st.sink.send(&[&frame[..]])?;
+            st.sink.flush()?;
+            total.wire_bytes += frame.len() as u64;
+        }
+        Ok(total)
+    }
+
+    /// Whether a bandwidth limit is set.
+    pub fn is_rate_limited(&self) -> bool {
+        self.limiter.is_some()
+    }
+}
+
+impl Drop for SendPipeline {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn worker(
+    memory: GuestMemory,
+    jobs: Receiver<Job>,
+    results: Sender<Result<BatchStats, MigrationError>>,
+    streams: Arc<Vec<Mutex<Stream>>>,
+    limiter: Option<Arc<RateLimiter>>,
+) {
+    let mut encoder = BatchEncoder::new();
+    let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
+    for job in jobs {
+        let r = send_batch(&memory, &job, &mut encoder, &mut buf, &streams, limiter.as_deref());
+        if results.send(r).is_err() {
+            break;
+        }
+    }
+}
+
+fn send_batch(
+    memory: &GuestMemory,
+    job: &Job,
+    encoder: &mut BatchEncoder,
+    buf: &mut [u8],
+    streams: &[Mutex<Stream>],
+    limiter: Option<&RateLimiter>,
+) -> Result<BatchStats, MigrationError> {
+    for (i, &gpa) in job.pages.iter().enumerate() {
+        memory
+            .read_slice(&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], GuestAddress(gpa))
+            .map_err(|e| MigrationError::Memory(e.to_string()))?;
+    }
+    let pages: Vec<(u64, &[u8])> = job
+        .pages
+        .iter()
+        .enumerate()
+        .map(|(i, &gpa)| (gpa, &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
+        .collect();
+    let started = Instant::now();
+    let encoded = encoder
+        .encode(job.round, &pages, job.compression)
+        .map_err(|e| MigrationError::Memory(format!("cannot encode a batch: {e}")))?;
+    let took = started.elapsed();
+    let (header, payload) = (encoded.header, encoded.payload);
+    let wire = (header.len() + payload.len()) as u64;
+    let es = encoded.stats;
+    let stats = BatchStats {
+        pages: job.pages.len() as u64,
+        zero_pages: es.zero_pages as u64,
+        raw_bytes: es.raw_bytes as u64,
+        wire_bytes: wire,
+        compressed_raw: if es.compressed { es.raw_bytes as u64 } else { 0 },
+        compressed_wire: if es.compressed { payload.len() as u64 } else { 0 },
+        compress_time: if job.compression == Compression::Lz4 { took } else { Duration::ZERO },
+    };
+    if let Some(l) = limiter {
+        l.acquire(wire as usize);
+    }
+    let mut st = streams[job.stream].lock().map_err(|_| MigrationError::PipelineClosed)?;
+    st.sink.send(&[header, payload])?;
+    st.batches += 1;
+    Ok(stats)
+}
+
+/// What a destination stream thread reports.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// Stream `stream` received every batch of `round`.
+    RoundEnd {
+        /// Stream index.
+        stream: usize,
+        /// The round.
+        round: u32,
+    },
+    /// Stream `stream` failed; the migration must be abandoned.
+    Failed {
+        /// Stream index.
+        stream: usize,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Starts one thread per data stream that writes incoming pages into `memory`.
+pub fn spawn_receivers(
+    memory: GuestMemory,
+    sources: Vec<Box<dyn FrameSource>>,
+    limits: Arc<MemoryLimits>,
+    events: Sender<StreamEvent>,
+) -> Vec<JoinHandle<()>> {
+    sources
+        .into_iter()
+        .enumerate()
+        .map(|(stream, source)| {
+            let (memory, limits, events) = (memory.clone(), limits.clone(), events.clone());
+            std::thread::Builder::new()
+                .name(format!("page-receiver{stream}"))
+                .spawn(move || {
+                    if let Err(e) = receive_stream(&memory, source, &limits, stream, &events) {
+                        let _ = events.send(StreamEvent::Failed {
+                            stream,
+                            error: e.to_string(),
+                        });
+                    }
+                })
+                .expect("spawning a page receiver")
+        })
+        .collect()
+}
+
+fn receive_stream(
+    memory: &GuestMemory,
+    mut source: Box<dyn FrameSource>,
+    limits: &MemoryLimits,
+    stream: usize,
+    events: &Sender<StreamEvent>,
+) -> Result<(), MigrationError> {
+    let mut frame = Vec::new();
+    let mut scratch = Vec::new();
+    let mut probe = vec![0u8; PAGE_SIZE];
+    let mut round = 1u32;
+    let mut batches = 0u64;
+    while source.recv(&mut frame)? {
+        match batch::decode(&frame, limits, &mut scratch)? {
+            Decoded::Batch(b) => {
+                if b.round != round {
+                    return Err(MigrationError::StreamOrder { stream, expected: round, got: b.round });
+                }
+                for gpa in b.zero_pages() {
+                    // Memory here starts zeroed; reading an untouched page does not allocate it.
+                    memory
+                        .read_slice(&mut probe, GuestAddress(gpa))
+                        .map_err(|e| MigrationError::Memory(e.to_string()))?;
+                    if probe.iter().any(|&x| x != 0) {
+                        probe.fill(0);
+                        memory
+                            .write_slice(&probe, GuestAddress(gpa))
+                            .map_err(|e| MigrationError::Memory(e.to_string()))?;
+                    }
+                }
+                for (gpa, data) in b.data_pages() {
+                    memory
+                        .write_slice(data, GuestAddress(gpa))
+                        .map_err(|e| MigrationError::Memory(e.to_string()))?;
+                }
+                batches += 1;
+            }
+            Decoded::EndOfRound { round: r, batches: n } => {
+                if r != round || n != batches {
+                    return Err(MigrationError::RoundIncomplete { stream, round: r, announced: n, received: batches });
+                }
+                let _ = events.send(StreamEvent::RoundEnd { stream, round });
+                round += 1;
+                batches = 0;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! Control messages, versioned and bounded.
+//!
+//! Every control frame is `b"GDWM"`, the protocol version (u16, little-endian), then one
+//! [`Message`] in bincode with a size limit. A peer speaking another version gets a refusal
+//! that names both versions, never a misparse.
+
+use bincode::Options;
+use crossbeam_channel::{unbounded, Receiver};
+use godwit_transport::FrameSource;
+use kvm_bindings::kvm_cpuid_entry2;
+use serde::{Deserialize, Serialize};
+
+use crate::vmm::memory::MemoryLayout;
+use super::MigrationError;
+use crate::vmm::state::VmState;
+
+/// The control protocol's magic.
+const MAGIC: &[u8; 4] = b"GDWM";
+/// The version this build speaks. Bump it on any change to [`Message`] or the batch format.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The largest control message accepted (a VM state is about 10 KiB a vCPU).
+const MAX_MESSAGE: u64 = 2 << 20;
+
+/// What the source says first: everything the destination needs to judge and build the VM.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// Guest RAM.
+    pub layout: MemoryLayout,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The CPUID the guest runs with; the destination must offer every feature in it.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The guest's TSC frequency.
+    pub tsc_khz: u32,
+    /// Number of data streams that follow the control channel.
+    pub streams: u16,
+}
+
+/// One control message.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Message {
+    /// Source to destination: the handshake.
+    Hello(Box<Hello>),
+    /// Destination to source: the VM is built and memory may flow.
+    Accept,
+    /// Destination to source: the migration is refused, and why (what to fix).
+    Refuse(String),
+    /// Source to destination: the VM is paused, the final round was sent; here is the rest.
+    Switchover {
+        /// The last round number; each data stream ends it with an end-of-round marker.
+        final_round: u32,
+        /// When the source paused the guest (ns since the Unix epoch), so the destination
+        /// can advance the guest's clocks by the pause.
+        paused_at_unix_ns: u64,
+        /// vCPU, interrupt controller, clock and device state.
+        state: Box<VmState>,
+    },
+    /// Destination to source: all memory and state are loaded; waiting for the commit.
+    Restored,
+    /// Source to destination: the point of no return. The source will not run the VM again.
+    Commit,
+    /// Destination to source: the VM runs here now; the source may release it.
+    Resumed,
+    /// Either side: the migration is abandoned, and why.
+    Abort(String),
+}
+
+impl Message {
+    /// Short name for errors ("expected Accept, got Refuse").
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "Hello",
+            Self::Accept => "Accept",
+            Self::Refuse(_) => "Refuse",
+            Self::Switchover { .. } => "Switchover",
+            Self::Restored => "Restored",
+            Self::Commit => "Commit",
+            Self::Resumed => "Resumed",
+            Self::Abort(_) => "Abort",
+        }
+    }
+}
+
+/// Why a control frame was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// Not a Godwit control frame.
+    #[error("the peer is not speaking Godwit's migration protocol (bad magic)")]
+    BadMagic,
+    /// Another protocol version.
+    #[error("the peer speaks migration protocol version {theirs}, this host speaks {ours}; run the same Godwit release on both hosts")]
+    Version {
+        /// The peer's version.
+        theirs: u16,
+        /// Ours.
+        ours: u16,
+    },
+    /// The body did not decode.
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+}
+
+fn codec() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_limit(MAX_MESSAGE)
+        .with_fixint_encoding()
+        .reject_trailing_bytes()
+}
+
+/// Encodes `msg` as one control frame.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    // Serializing our own in-memory types cannot fail; a state over the limit would be a bug.
+    codec()
+        .serialize_into(&mut out, msg)
+        .expect("control message within the size limit");
+    out
+}
+
+/// Decodes one control frame from an untrusted peer.
+pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
+    if frame.len() < 6 || &frame[..4] != MAGIC {
+        return Err(ProtocolError::BadMagic);
+    }
+    let theirs = u16::from_le_bytes([frame[4], frame[5]]);
+    if theirs != PROTOCOL_VERSION {
+        return Err(ProtocolError::Version {
+            theirs,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    codec()
+        .deserialize(&frame[6..])
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))
+}
+
+/// Reads control messages on a thread of their own, so a driver can wait with a timeout and
+/// notice an abort while it is busy with pages. The channel ends after the first error.
+pub(crate) fn spawn_inbox(
+    mut source: Box<dyn FrameSource>,
+) -> Receiver<Result<Message, MigrationError>> {
+    let (tx, rx) = unbounded();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        loop {
+            let m = match source.recv(&mut buf) {
+                Ok(true) => decode(&buf).map_err(MigrationError::from),
+                Ok(false) => Err(MigrationError::PeerVanished("the migration")),
+                Err(e) => Err(e.into()),
+            };
+            let stop = m.is_err();
+            if tx.send(m).is_err() || stop {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let f = encode(&Message::Refuse("no".into()));
+        assert!(matches!(decode(&f), Ok(Message::Refuse(r)) if r == "no"));
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_refused() {
+        let mut f = encode(&Message::Commit);
+        f[4] = 9;
+        assert!(matches!(decode(&f), Err(ProtocolError::Version { theirs: 9, .. })));
+        assert!(matches!(decode(b"HTTP/1.1"), Err(ProtocolError::BadMagic)));
+        let mut f = encode(&Message::Commit);
+        f.push(0);
+        assert!(matches!(decode(&f), Err(ProtocolError::Malformed(_))));
+        let f = encode(&Message::Refuse("a long reason".into()));
+        for cut in 6..f.len() {
+            assert!(decode(&f[..cut]).is_err(), "cut at {cut}");
+        }
+        // A length prefix claiming gigabytes must not allocate them.
+        let mut f = encode(&Message::Refuse(String::new()));
+        let n = f.len();
+        f[n - 8..].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode(&f).is_err());
+    }
+}

@@ -1,0 +1,87 @@
+//! What a migration reports: live progress while it runs, and the final report.
+
+use serde::{Deserialize, Serialize};
+
+/// How a migration ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The VM runs on the destination; the source released it.
+    Completed,
+    /// The migration was abandoned; see `error` for where the VM runs.
+    Failed,
+    /// The operator cancelled it; the VM runs on the source.
+    Cancelled,
+}
+
+/// One pre-copy (or the final stop-and-copy) round.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RoundReport {
+    /// Round number, from 1.
+    pub round: u32,
+    /// Pages the round had to send.
+    pub pages: u64,
+    /// Of those, pages that were all zero (sent as an address only).
+    pub zero_pages: u64,
+    /// Bytes put on the wire (headers, addresses, page data).
+    pub wire_bytes: u64,
+    /// How long the round took.
+    pub ms: f64,
+    /// Whether the round compressed.
+    pub compressed: bool,
+    /// Pages the guest dirtied while the round ran.
+    pub dirtied_pages: u64,
+}
+
+/// Progress while a migration runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// The current round.
+    pub round: u32,
+    /// Bytes put on the wire so far.
+    pub transferred_bytes: u64,
+    /// Bytes of dirty pages still to send in this round.
+    pub remaining_bytes: u64,
+    /// Current transfer rate, page bytes per second.
+    pub rate_bytes_per_sec: f64,
+    /// Rate at which the guest dirtied memory in the last round.
+    pub dirty_bytes_per_sec: f64,
+    /// Estimated seconds until switchover.
+    pub eta_secs: f64,
+}
+
+/// The final report (also the `--json` output).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Why it failed, and where the VM runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Whether the VM still runs on the source.
+    pub vm_on_source: bool,
+    /// From the start of the handshake to the destination's confirmation.
+    pub total_ms: f64,
+    /// From pausing the guest on the source to the destination's confirmation that it runs.
+    pub downtime_ms: f64,
+    /// The pause predicted at switchover.
+    pub predicted_downtime_ms: f64,
+    /// Bytes put on the wire.
+    pub bytes_sent: u64,
+    /// Guest RAM.
+    pub guest_memory_bytes: u64,
+    /// Rounds, including the final one.
+    pub rounds: u32,
+    /// Pages found all zero, over all rounds.
+    pub zero_pages: u64,
+    /// Raw page bytes / bytes of page data on the wire (1.0 when nothing was compressed).
+    pub compression_ratio: f64,
+    /// Transport name.
+    pub transport: String,
+    /// Data streams used.
+    pub streams: usize,
+    /// Worker threads used.
+    pub threads: usize,
+    /// Each round.
+    pub round_details: Vec<RoundReport>,
+}

@@ -1,0 +1,366 @@
+//! The source side: runs the phases from handshake to release, and guarantees that on any
+//! failure before the commit the VM runs on the source again.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Receiver;
+use godwit_transport::{AbortHandle, ConnectOptions, FrameSink, FrameSource, Transport};
+
+use super::batch::Compression;
+use super::phase::{PhaseLog, SourcePhase};
+use super::pipeline::{RateLimiter, SendPipeline};
+use super::policy::{CompressMode, Decision, Estimates, Limits};
+use super::protocol::{self, Hello, Message};
+use super::report::{Outcome, Progress, Report, RoundReport};
+use super::MigrationError;
+use crate::vmm::memory::{DirtyBitmap, PAGE_SIZE};
+use crate::vmm::Vm;
+
+/// How often live progress is reported.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How to send a VM.
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    /// `HOST:PORT` of a `godwit receive`.
+    pub destination: String,
+    /// Data streams.
+    pub streams: NonZeroUsize,
+    /// Worker threads that read, zero-check and compress pages.
+    pub threads: NonZeroUsize,
+    /// Compression.
+    pub compress: CompressMode,
+    /// Downtime budget and round limit.
+    pub limits: Limits,
+    /// Cap on page bytes per second on the wire, if any.
+    pub max_bandwidth: Option<u64>,
+    /// How long to wait for each answer of the destination.
+    pub reply_timeout: Duration,
+}
+
+/// Control messages from the destination, read by a thread so the driver can wait with a
+/// timeout and notice an abort between rounds.
+struct Inbox(Receiver<Result<Message, MigrationError>>);
+
+impl Inbox {
+    fn spawn(source: Box<dyn FrameSource>) -> Self {
+        Self(protocol::spawn_inbox(source))
+    }
+
+    /// Waits for the next message.
+    fn wait(&self, what: &'static str, timeout: Duration) -> Result<Message, MigrationError> {
+        match self.0.recv_timeout(timeout) {
+            Ok(Ok(Message::Abort(why))) => Err(MigrationError::PeerAborted(why)),
+            Ok(r) => r,
+            Err(_) => Err(MigrationError::Timeout {
+                what,
+                secs: timeout.as_secs(),
+            }),
+        }
+    }
+
+    /// Fails if the destination gave up meanwhile.
+    fn check(&self) -> Result<(), MigrationError> {
+        match self.0.try_recv() {
+            Ok(Ok(Message::Abort(why))) => Err(MigrationError::PeerAborted(why)),
+            Ok(Ok(m)) => Err(MigrationError::Unexpected {
+                expected: "nothing during pre-copy",
+                got: m.name(),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+struct Run<'a> {
+    vm: &'a mut Vm,
+    opts: &'a SendOptions,
+    transport_name: &'static str,
+    phase: PhaseLog<SourcePhase>,
+    estimates: Estimates,
+    rounds: Vec<RoundReport>,
+    bytes_sent: u64,
+    paused_at: Option<Instant>,
+    downtime: Duration,
+    predicted: Duration,
+    aborts: Vec<AbortHandle>,
+}
+
+/// Moves `vm` to the destination. On `Completed` the caller must release the VM (it is paused
+/// and the destination runs it); on any other outcome the report says whether it runs here.
+pub fn migrate(
+    vm: &mut Vm,
+    transport: &dyn Transport,
+    opts: &SendOptions,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Report {
+    let started = Instant::now();
+    let mut run = Run {
+        vm,
+        opts,
+        transport_name: transport.name(),
+        phase: PhaseLog::new(SourcePhase::Handshake),
+        estimates: Estimates::default(),
+        rounds: Vec::new(),
+        bytes_sent: 0,
+        paused_at: None,
+        downtime: Duration::ZERO,
+        predicted: Duration::ZERO,
+        aborts: Vec::new(),
+    };
+    let result = run.drive(transport, cancel, progress);
+    for a in &run.aborts {
+        let _ = a.shutdown();
+    }
+    let (outcome, error, on_source) = match result {
+        Ok(()) => {
+            run.phase.go(SourcePhase::Completed, SourcePhase::can_go_to);
+            (Outcome::Completed, None, false)
+        }
+        Err(e) if run.phase.current().resumes_on_failure() => {
+            let cancelled = matches!(e, MigrationError::Cancelled);
+            let next = if cancelled { SourcePhase::Cancelled } else { SourcePhase::Failed };
+            run.phase.go(next, SourcePhase::can_go_to);
+            let resumed = run.vm.set_dirty_logging(false).and_then(|()| run.vm.resume());
+            let error = match resumed {
+                Ok(()) => format!("{e}; the VM keeps running on the source"),
+                Err(r) => format!("{e}; resuming the VM on the source also failed: {r}"),
+            };
+            let outcome = if cancelled { Outcome::Cancelled } else { Outcome::Failed };
+            (outcome, Some(error), true)
+        }
+        Err(e) => {
+            run.phase.go(SourcePhase::Failed, SourcePhase::can_go_to);
+            let error = format!(
+                "{e} after the commit: the destination may be running the VM, so it stays paused here; \
+                 check the destination (godwit status), then stop this copy or resume it"
+            );
+            (Outcome::Failed, Some(error), false)
+        }
+    };
+    let (mut raw, mut wire, mut zero) = (0u64, 0u64, 0u64);
+    for r in &run.rounds {
+        raw += (r.pages - r.zero_pages) * PAGE_SIZE as u64;
+        wire += r.wire_bytes;
+        zero += r.zero_pages;
+    }
+    Report {
+        outcome,
+        error,
+        vm_on_source: on_source,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        downtime_ms: run.downtime.as_secs_f64() * 1e3,
+        predicted_downtime_ms: run.predicted.as_secs_f64() * 1e3,
+        bytes_sent: run.bytes_sent,
+        guest_memory_bytes: run.vm.layout().total_bytes(),
+        rounds: run.rounds.len() as u32,
+        zero_pages: zero,
+        compression_ratio: if wire > 0 { raw as f64 / wire as f64 } else { 1.0 },
+        transport: run.transport_name.to_string(),
+        streams: opts.streams.get(),
+        threads: opts.threads.get(),
+        round_details: run.rounds,
+    }
+}
+
+impl Run<'_> {
+    fn go(&mut self, next: SourcePhase) {
+        self.phase.go(next, SourcePhase::can_go_to);
+    }
+
+    fn drive(
+        &mut self,
+        transport: &dyn Transport,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(), MigrationError> {
+        // Handshake.
+        let conn = transport.connect(
+            &self.opts.destination,
+            self.opts.streams,
+            &ConnectOptions {
+                connect_timeout: self.opts.reply_timeout,
+                handshake_timeout: self.opts.reply_timeout,
+                ..ConnectOptions::default()
+            },
+        )?;
+        self.aborts = std::iter::once(&conn.control)
+            .chain(&conn.data)
+            .map(|c| c.abort_handle())
+            .collect();
+        let (mut control, ctl_source, _) = conn.control.into_parts();
+        let inbox = Inbox::spawn(ctl_source);
+        let hello = Hello {
+            layout: self.vm.layout().clone(),
+            vcpus: self.vm.vcpu_count(),
+            cpuid: self.vm.cpuid().to_vec(),
+            tsc_khz: self.vm.tsc_khz(),
+            streams: self.opts.streams.get() as u16,
+        };
+        self.send(&mut *control, &Message::Hello(Box::new(hello)))?;
+        match inbox.wait("the destination's answer to the handshake", self.opts.reply_timeout)? {
+            Message::Accept => {}
+            Message::Refuse(why) => return Err(MigrationError::Refused(why)),
+            m => return Err(MigrationError::Unexpected { expected: "Accept", got: m.name() }),
+        }
+        let sinks: Vec<Box<dyn FrameSink>> = conn.data.into_iter().map(|c| c.into_parts().0).collect();
+        let limiter = self.opts.max_bandwidth.map(RateLimiter::new);
+        let mut pipeline = SendPipeline::new(self.vm.memory().clone(), sinks, self.opts.threads.get(), limiter);
+
+        // Pre-copy.
+        self.vm.set_dirty_logging(true)?;
+        let layout = self.vm.layout().clone();
+        let mut dirty = DirtyBitmap::all(&layout);
+        let mut round = 1;
+        self.go(SourcePhase::PreCopy(1));
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(MigrationError::Cancelled);
+            }
+            inbox.check()?;
+            let compression = self.compression();
+            let started = Instant::now();
+            let pages = dirty.count();
+            let stats = self.send_round(&mut pipeline, round, &dirty, compression, cancel, progress)?;
+            let took = started.elapsed();
+            dirty = self.vm.take_dirty()?;
+            let dirtied = dirty.count();
+            self.estimates.record_round(stats.raw_bytes, took, dirtied * PAGE_SIZE as u64);
+            self.estimates
+                .record_compression(stats.compressed_raw, stats.compressed_wire, stats.compress_time);
+            self.record(round, pages, &stats, took, compression, dirtied);
+            match self.estimates.decide(&self.opts.limits, round, dirtied * PAGE_SIZE as u64) {
+                Decision::Continue => {
+                    round += 1;
+                    self.go(SourcePhase::PreCopy(round));
+                }
+                Decision::Switchover { expected } => {
+                    self.predicted = expected;
+                    break;
+                }
+                Decision::GiveUp(why) => return Err(MigrationError::NotConverged(why)),
+            }
+        }
+
+        // Stop and copy: from here the guest is paused until it resumes somewhere.
+        self.go(SourcePhase::StopAndCopy);
+        let paused_at_unix_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let pause = Instant::now();
+        self.paused_at = Some(pause);
+        self.vm.pause()?;
+        let last = self.vm.take_dirty()?;
+        let final_round = round + 1;
+        let pages = last.count();
+        let stats = self.send_round(&mut pipeline, final_round, &last, Compression::None, cancel, &mut |_| {})?;
+        self.record(final_round, pages, &stats, pause.elapsed(), Compression::None, 0);
+        let state = self.vm.save()?;
+        self.send(
+            &mut *control,
+            &Message::Switchover {
+                final_round,
+                paused_at_unix_ns,
+                state: Box::new(state),
+            },
+        )?;
+        self.go(SourcePhase::AwaitRestored);
+        match inbox.wait("the destination to load the VM", self.opts.reply_timeout)? {
+            Message::Restored => {}
+            m => return Err(MigrationError::Unexpected { expected: "Restored", got: m.name() }),
+        }
+
+        // The point of no return.
+        self.go(SourcePhase::Committed);
+        self.send(&mut *control, &Message::Commit)?;
+        match inbox.wait("the destination to resume the VM", self.opts.reply_timeout)? {
+            Message::Resumed => {}
+            m => return Err(MigrationError::Unexpected { expected: "Resumed", got: m.name() }),
+        }
+        self.downtime = pause.elapsed();
+        Ok(())
+    }
+
+    fn send(&mut self, sink: &mut dyn FrameSink, msg: &Message) -> Result<(), MigrationError> {
+        let frame = protocol::encode(msg);
+        sink.send(&[&frame])?;
+        sink.flush()?;
+        self.bytes_sent += frame.len() as u64;
+        Ok(())
+    }
+
+    fn compression(&self) -> Compression {
+        let on = match self.opts.compress {
+            CompressMode::On => true,
+            CompressMode::Off => false,
+            CompressMode::Auto => self.estimates.compression_pays(self.opts.threads.get()),
+        };
+        if on {
+            Compression::Lz4
+        } else {
+            Compression::None
+        }
+    }
+
+    fn send_round(
+        &mut self,
+        pipeline: &mut SendPipeline,
+        round: u32,
+        dirty: &DirtyBitmap,
+        compression: Compression,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<super::pipeline::BatchStats, MigrationError> {
+        let layout = self.vm.layout().clone();
+        let total_pages = dirty.count();
+        let started = Instant::now();
+        let mut last_report = started;
+        let sent_before = self.bytes_sent;
+        let dirty_rate = self.estimates.dirty_bytes_per_sec;
+        let stats = pipeline.send_round(round, dirty.pages(&layout), compression, cancel, |s| {
+            let now = Instant::now();
+            if now.duration_since(last_report) < PROGRESS_INTERVAL {
+                return;
+            }
+            last_report = now;
+            let secs = now.duration_since(started).as_secs_f64().max(1e-6);
+            let rate = (s.pages * PAGE_SIZE as u64) as f64 / secs;
+            let remaining = total_pages.saturating_sub(s.pages) * PAGE_SIZE as u64;
+            progress(&Progress {
+                round,
+                transferred_bytes: sent_before + s.wire_bytes,
+                remaining_bytes: remaining,
+                rate_bytes_per_sec: rate,
+                dirty_bytes_per_sec: dirty_rate,
+                eta_secs: remaining as f64 / rate.max(1.0),
+            });
+        })?;
+        self.bytes_sent += stats.wire_bytes;
+        Ok(stats)
+    }
+
+    fn record(
+        &mut self,
+        round: u32,
+        pages: u64,
+        stats: &super::pipeline::BatchStats,
+        took: Duration,
+        compression: Compression,
+        dirtied: u64,
+    ) {
+        self.rounds.push(RoundReport {
+            round,
+            pages,
+            zero_pages: stats.zero_pages,
+            wire_bytes: stats.wire_bytes,
+            ms: took.as_secs_f64() * 1e3,
+            compressed: compression == Compression::Lz4,
+            dirtied_pages: dirtied,
+        });
+    }
+}
