@@ -85,6 +85,13 @@ pub fn print_report(r: &Report) {
         "  downtime:     {:.2} ms (predicted {:.2} ms)",
         r.downtime_ms, r.predicted_downtime_ms
     );
+    let p = &r.pause_steps;
+    if r.downtime_ms > 0.0 {
+        println!(
+            "  pause steps:  last pages {:.2} ms, save state {:.2} ms, destination loads {:.2} ms, commit {:.2} ms",
+            p.last_pages_ms, p.save_state_ms, p.restore_ms, p.commit_ms
+        );
+    }
     println!(
         "  sent:         {:.1} MiB of {:.0} MiB guest RAM; {} zero pages; compression ratio {:.2}",
         mib(r.bytes_sent as f64),

@@ -198,7 +198,14 @@ impl Session {
                     Message::Abort(why) => return Err(MigrationError::PeerAborted(why)),
                     m => return Err(MigrationError::Unexpected { expected: "Switchover", got: m.name() }),
                 },
-                recv(events) -> e => stream_event(e.ok(), &mut rounds_done)?,
+                recv(events) -> e => {
+                    let before = rounds_done.iter().min().copied().unwrap_or(0);
+                    stream_event(e.ok(), &mut rounds_done)?;
+                    let after = rounds_done.iter().min().copied().unwrap_or(0);
+                    if after > before {
+                        send_message(&mut *control, &Message::RoundApplied(after))?;
+                    }
+                }
             }
         };
         let deadline = Instant::now() + opts.idle_timeout;

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(50);
 /// Default limit on pre-copy rounds.
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
-/// Rate assumed before any round measured one (conservative, so the first decision errs on
-/// another round rather than a long pause).
-const DEFAULT_LINK_BYTES_PER_SEC: f64 = 100e6;
+/// Rate assumed before any round measured one: a 10 Gb/s link. The first round moves all of
+/// memory, so it measures the real rate before any switchover decision depends on it.
+const DEFAULT_LINK_BYTES_PER_SEC: f64 = 1.25e9;
 /// A round must move at least this much for its rate to count as a measurement.
 const MIN_MEASURED_BYTES: u64 = 4 << 20;
 /// Time the pause costs besides pages, until measured: state save, transfer, load, resume.
@@ -73,7 +73,11 @@ pub enum Decision {
 /// Rates measured so far in this migration.
 #[derive(Clone, Debug)]
 pub struct Estimates {
-    /// Bytes of pages per second the link moved (raw page bytes, before compression).
+    /// Bytes of pages per second the pipeline moved end to end in the last measured round,
+    /// whatever the mode: what predicts the pause.
+    pub page_bytes_per_sec: f64,
+    /// Bytes per second the link carried in the last measured uncompressed round: what
+    /// compression competes with.
     pub link_bytes_per_sec: f64,
     /// Bytes per second the guest dirtied in the last round.
     pub dirty_bytes_per_sec: f64,
@@ -88,6 +92,7 @@ pub struct Estimates {
 impl Default for Estimates {
     fn default() -> Self {
         Self {
+            page_bytes_per_sec: DEFAULT_LINK_BYTES_PER_SEC,
             link_bytes_per_sec: DEFAULT_LINK_BYTES_PER_SEC,
             dirty_bytes_per_sec: 0.0,
             compress_bytes_per_sec: DEFAULT_COMPRESS_BYTES_PER_SEC,
@@ -98,12 +103,16 @@ impl Default for Estimates {
 }
 
 impl Estimates {
-    /// Takes in one round: `moved` page bytes (non-zero pages, raw size) in `took`, and the
-    /// bytes the guest dirtied meanwhile.
-    pub fn record_round(&mut self, moved: u64, took: Duration, dirtied: u64) {
+    /// Takes in one round: `moved` page bytes (non-zero pages, raw size) in `took`, of which
+    /// `raw_wire` bytes went on the wire if the round was uncompressed, and the bytes the guest
+    /// dirtied meanwhile.
+    pub fn record_round(&mut self, moved: u64, raw_wire: Option<u64>, took: Duration, dirtied: u64) {
         let secs = took.as_secs_f64().max(1e-6);
         if moved >= MIN_MEASURED_BYTES {
-            self.link_bytes_per_sec = moved as f64 / secs;
+            self.page_bytes_per_sec = moved as f64 / secs;
+            if let Some(wire) = raw_wire {
+                self.link_bytes_per_sec = wire as f64 / secs;
+            }
         }
         self.dirty_bytes_per_sec = dirtied as f64 / secs;
     }
@@ -126,7 +135,7 @@ impl Estimates {
 
     /// The pause predicted for sending `remaining` bytes of dirty pages.
     pub fn predicted_pause(&self, remaining: u64) -> Duration {
-        Duration::from_secs_f64(remaining as f64 / self.link_bytes_per_sec) + self.fixed_pause
+        Duration::from_secs_f64(remaining as f64 / self.page_bytes_per_sec) + self.fixed_pause
     }
 
     /// The decision after round `round`, with `remaining` bytes dirty.
@@ -142,7 +151,7 @@ impl Estimates {
                  and the {:.1} MiB still dirty would pause the guest for {} ms against a budget of {} ms; \
                  raise --max-downtime or --max-rounds, raise the bandwidth, or reduce the guest's write load",
                 mib(self.dirty_bytes_per_sec),
-                mib(self.link_bytes_per_sec),
+                mib(self.page_bytes_per_sec),
                 mib(remaining as f64),
                 expected.as_millis(),
                 limits.max_downtime.as_millis(),
@@ -159,7 +168,7 @@ mod tests {
     #[test]
     fn switches_over_when_the_rest_fits_the_budget() {
         let mut e = Estimates::default();
-        e.record_round(1 << 30, Duration::from_secs(1), 0);
+        e.record_round(1 << 30, Some(1 << 30), Duration::from_secs(1), 0);
         let limits = Limits::default();
         // 1 GiB/s: 40 MiB takes ~39 ms + 3 ms fixed, within 50 ms.
         assert!(matches!(e.decide(&limits, 1, 40 << 20), Decision::Switchover { .. }));
@@ -170,8 +179,9 @@ mod tests {
     #[test]
     fn small_rounds_do_not_count_as_rate_measurements() {
         let mut e = Estimates::default();
-        e.record_round(4096, Duration::from_secs(1), 4096);
+        e.record_round(4096, Some(4096), Duration::from_secs(1), 4096);
         assert_eq!(e.link_bytes_per_sec, DEFAULT_LINK_BYTES_PER_SEC);
+        assert_eq!(e.page_bytes_per_sec, DEFAULT_LINK_BYTES_PER_SEC);
         assert_eq!(e.dirty_bytes_per_sec, 4096.0);
     }
 
@@ -179,9 +189,9 @@ mod tests {
     fn compression_pays_on_slow_links_only() {
         let mut e = Estimates::default();
         e.record_compression(100 << 20, 25 << 20, Duration::from_millis(100));
-        e.record_round(100 << 20, Duration::from_secs(1), 0);
+        e.record_round(100 << 20, Some(100 << 20), Duration::from_secs(1), 0);
         assert!(e.compression_pays(2), "100 MB/s link, 1 GB/s compressor, ratio 4");
-        e.record_round(3 << 30, Duration::from_secs(1), 0);
+        e.record_round(3 << 30, Some(3 << 30), Duration::from_secs(1), 0);
         assert!(!e.compression_pays(1), "3 GiB/s link beats a 1 GB/s compressor");
     }
 }

@@ -45,6 +45,10 @@ pub enum Message {
     Accept,
     /// Destination to source: the migration is refused, and why (what to fix).
     Refuse(String),
+    /// Destination to source: every page of this pre-copy round is in guest memory. The source
+    /// waits for it before the next round, so its rates are end to end and no backlog of
+    /// pages sits in buffers when the guest pauses.
+    RoundApplied(u32),
     /// Source to destination: the VM is paused, the final round was sent; here is the rest.
     Switchover {
         /// The last round number; each data stream ends it with an end-of-round marker.
@@ -72,6 +76,7 @@ impl Message {
             Self::Hello(_) => "Hello",
             Self::Accept => "Accept",
             Self::Refuse(_) => "Refuse",
+            Self::RoundApplied(_) => "RoundApplied",
             Self::Switchover { .. } => "Switchover",
             Self::Restored => "Restored",
             Self::Commit => "Commit",

@@ -33,6 +33,20 @@ pub struct RoundReport {
     pub dirtied_pages: u64,
 }
 
+/// Where the pause went, step by step (all measured on the source).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct PauseSteps {
+    /// Pausing the vCPUs and sending the last dirty pages.
+    pub last_pages_ms: f64,
+    /// Saving vCPU, interrupt controller, clock and device state.
+    pub save_state_ms: f64,
+    /// Sending the state until the destination reported it loaded (includes the destination
+    /// finishing the last pages).
+    pub restore_ms: f64,
+    /// The commit round trip until the destination runs the VM.
+    pub commit_ms: f64,
+}
+
 /// Progress while a migration runs.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Progress {
@@ -64,6 +78,8 @@ pub struct Report {
     pub total_ms: f64,
     /// From pausing the guest on the source to the destination's confirmation that it runs.
     pub downtime_ms: f64,
+    /// Where the pause went.
+    pub pause_steps: PauseSteps,
     /// The pause predicted at switchover.
     pub predicted_downtime_ms: f64,
     /// Bytes put on the wire.

@@ -13,7 +13,7 @@ use super::phase::{PhaseLog, SourcePhase};
 use super::pipeline::{RateLimiter, SendPipeline};
 use super::policy::{CompressMode, Decision, Estimates, Limits};
 use super::protocol::{self, Hello, Message};
-use super::report::{Outcome, Progress, Report, RoundReport};
+use super::report::{Outcome, PauseSteps, Progress, Report, RoundReport};
 use super::MigrationError;
 use crate::vmm::memory::{DirtyBitmap, PAGE_SIZE};
 use crate::vmm::Vm;
@@ -49,8 +49,8 @@ impl Inbox {
         Self(protocol::spawn_inbox(source))
     }
 
-    /// Waits for the next message.
-    fn wait(&self, what: &'static str, timeout: Duration) -> Result<Message, MigrationError> {
+    /// Waits for the next message, `RoundApplied` included.
+    fn next(&self, what: &'static str, timeout: Duration) -> Result<Message, MigrationError> {
         match self.0.recv_timeout(timeout) {
             Ok(Ok(Message::Abort(why))) => Err(MigrationError::PeerAborted(why)),
             Ok(r) => r,
@@ -61,16 +61,34 @@ impl Inbox {
         }
     }
 
-    /// Fails if the destination gave up meanwhile.
-    fn check(&self) -> Result<(), MigrationError> {
-        match self.0.try_recv() {
-            Ok(Ok(Message::Abort(why))) => Err(MigrationError::PeerAborted(why)),
-            Ok(Ok(m)) => Err(MigrationError::Unexpected {
-                expected: "nothing during pre-copy",
-                got: m.name(),
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Ok(()),
+    /// Waits for the next message that is not a (late) `RoundApplied`: the destination may
+    /// report the final round applied before it reads the switchover.
+    fn wait(&self, what: &'static str, timeout: Duration) -> Result<Message, MigrationError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(what, left)? {
+                Message::RoundApplied(_) => {}
+                m => return Ok(m),
+            }
+        }
+    }
+
+    /// Waits until the destination has applied round `round`.
+    fn wait_applied(&self, round: u32, timeout: Duration) -> Result<(), MigrationError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next("the destination to apply a round of pages", left)? {
+                Message::RoundApplied(r) if r >= round => return Ok(()),
+                Message::RoundApplied(_) => {}
+                m => {
+                    return Err(MigrationError::Unexpected {
+                        expected: "RoundApplied",
+                        got: m.name(),
+                    })
+                }
+            }
         }
     }
 }
@@ -85,6 +103,7 @@ struct Run<'a> {
     bytes_sent: u64,
     paused_at: Option<Instant>,
     downtime: Duration,
+    pause_steps: PauseSteps,
     predicted: Duration,
     aborts: Vec<AbortHandle>,
 }
@@ -109,6 +128,7 @@ pub fn migrate(
         bytes_sent: 0,
         paused_at: None,
         downtime: Duration::ZERO,
+        pause_steps: PauseSteps::default(),
         predicted: Duration::ZERO,
         aborts: Vec::new(),
     };
@@ -154,6 +174,7 @@ pub fn migrate(
         vm_on_source: on_source,
         total_ms: started.elapsed().as_secs_f64() * 1e3,
         downtime_ms: run.downtime.as_secs_f64() * 1e3,
+        pause_steps: run.pause_steps,
         predicted_downtime_ms: run.predicted.as_secs_f64() * 1e3,
         bytes_sent: run.bytes_sent,
         guest_memory_bytes: run.vm.layout().total_bytes(),
@@ -221,15 +242,20 @@ impl Run<'_> {
             if cancel.load(Ordering::Relaxed) {
                 return Err(MigrationError::Cancelled);
             }
-            inbox.check()?;
             let compression = self.compression();
             let started = Instant::now();
             let pages = dirty.count();
             let stats = self.send_round(&mut pipeline, round, &dirty, compression, cancel, progress)?;
+            inbox.wait_applied(round, self.opts.reply_timeout)?;
             let took = started.elapsed();
             dirty = self.vm.take_dirty()?;
             let dirtied = dirty.count();
-            self.estimates.record_round(stats.raw_bytes, took, dirtied * PAGE_SIZE as u64);
+            self.estimates.record_round(
+                stats.raw_bytes,
+                (compression == Compression::None).then_some(stats.wire_bytes),
+                took,
+                dirtied * PAGE_SIZE as u64,
+            );
             self.estimates
                 .record_compression(stats.compressed_raw, stats.compressed_wire, stats.compress_time);
             self.record(round, pages, &stats, took, compression, dirtied);
@@ -255,12 +281,16 @@ impl Run<'_> {
         let pause = Instant::now();
         self.paused_at = Some(pause);
         self.vm.pause()?;
-        let last = self.vm.take_dirty()?;
+        // What the last pre-copy round left dirty, and what the guest wrote since.
+        dirty.merge(&self.vm.take_dirty()?);
         let final_round = round + 1;
-        let pages = last.count();
-        let stats = self.send_round(&mut pipeline, final_round, &last, Compression::None, cancel, &mut |_| {})?;
-        self.record(final_round, pages, &stats, pause.elapsed(), Compression::None, 0);
+        let pages = dirty.count();
+        let compression = self.compression();
+        let stats = self.send_round(&mut pipeline, final_round, &dirty, compression, cancel, &mut |_| {})?;
+        self.record(final_round, pages, &stats, pause.elapsed(), compression, 0);
+        let t_pages = pause.elapsed();
         let state = self.vm.save()?;
+        let t_save = pause.elapsed();
         self.send(
             &mut *control,
             &Message::Switchover {
@@ -274,6 +304,7 @@ impl Run<'_> {
             Message::Restored => {}
             m => return Err(MigrationError::Unexpected { expected: "Restored", got: m.name() }),
         }
+        let t_restored = pause.elapsed();
 
         // The point of no return.
         self.go(SourcePhase::Committed);
@@ -283,6 +314,12 @@ impl Run<'_> {
             m => return Err(MigrationError::Unexpected { expected: "Resumed", got: m.name() }),
         }
         self.downtime = pause.elapsed();
+        self.pause_steps = PauseSteps {
+            last_pages_ms: t_pages.as_secs_f64() * 1e3,
+            save_state_ms: (t_save - t_pages).as_secs_f64() * 1e3,
+            restore_ms: (t_restored - t_save).as_secs_f64() * 1e3,
+            commit_ms: (self.downtime - t_restored).as_secs_f64() * 1e3,
+        };
         Ok(())
     }
 
