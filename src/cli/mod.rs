@@ -19,7 +19,7 @@ use godwit::migration::report::Outcome;
 use godwit::vmm::devices::SerialSink;
 use godwit::vmm::memory::MemoryLayout;
 use godwit::vmm::{Vm, VmConfig};
-use godwit_transport::{TcpListener, TcpTransport, Transport, TransportListener};
+use godwit_transport::{probe, TcpListener, TcpTransport, Transport, TransportListener};
 
 /// Godwit moves running KVM virtual machines between hosts.
 #[derive(Parser, Debug)]
@@ -125,6 +125,25 @@ enum Command {
         /// Serial logs.
         logs: Vec<PathBuf>,
         /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the raw bandwidth of N streams between two hosts (the baseline a migration is
+    /// compared with): run `--listen` on one host and `--to` on the other.
+    Linktest {
+        /// Receive: address to listen on, HOST:PORT.
+        #[arg(long, conflicts_with = "to")]
+        listen: Option<String>,
+        /// Send: the listening host, HOST:PORT.
+        #[arg(long)]
+        to: Option<String>,
+        /// Parallel data streams.
+        #[arg(long, default_value_t = 2)]
+        streams: usize,
+        /// How long to send.
+        #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
+        duration: Duration,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -294,6 +313,46 @@ fn dispatch(cmd: Command) -> Result<i32> {
                 render::print_heartbeat(&s);
             }
             Ok(if s.healthy() { 0 } else { 1 })
+        }
+        Command::Linktest {
+            listen,
+            to,
+            streams,
+            duration,
+            json,
+        } => {
+            let transport = TcpTransport;
+            let (role, result) = match (listen, to) {
+                (Some(addr), None) => {
+                    let mut l = transport.listen(&addr)?;
+                    eprintln!("godwit: link test listening on {}", l.local_addr());
+                    ("receive", probe::receive(l.accept(Duration::from_secs(120))?)?)
+                }
+                (None, Some(addr)) => {
+                    let n = std::num::NonZeroUsize::new(streams).context("--streams must be at least 1")?;
+                    let conn = transport.connect(&addr, n, &Default::default())?;
+                    ("send", probe::send(conn, duration)?)
+                }
+                _ => bail!("give --listen HOST:PORT on one host and --to HOST:PORT on the other"),
+            };
+            let gbps = result.bytes_per_sec() * 8.0 / 1e9;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"role": role, "streams": result.streams, "bytes": result.bytes,
+                        "seconds": result.elapsed.as_secs_f64(), "bytes_per_sec": result.bytes_per_sec()})
+                );
+            } else {
+                println!(
+                    "{role}: {} MiB in {:.2} s = {:.2} Gb/s ({:.0} MiB/s) over {} stream(s)",
+                    result.bytes >> 20,
+                    result.elapsed.as_secs_f64(),
+                    gbps,
+                    result.bytes_per_sec() / (1u64 << 20) as f64,
+                    result.streams
+                );
+            }
+            Ok(0)
         }
         Command::ExportGuest { out } => {
             std::fs::write(&out, godwit_guests::TESTGUEST_ELF)

@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod probe;
 mod frame;
 mod preamble;
 mod tcp;

@@ -1,0 +1,220 @@
+//! The end-to-end harness: a two-host lab (network namespaces joined by a veth pair, made by
+//! `ci/lab.sh`), `godwit` processes on each host, and the guest's serial logs.
+//!
+//! Every wait is bounded; every process a test starts is killed by PID when the test ends.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use godwit::heartbeat::{self, Summary};
+
+/// The end-to-end tests share two cores: one at a time.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Whether this machine can run the end-to-end tests (root, KVM, `ip`).
+pub fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ok = root && Path::new("/dev/kvm").exists() && Command::new("ip").arg("-V").output().is_ok();
+    if !ok {
+        eprintln!("SKIPPED: the end-to-end tests need root, /dev/kvm and iproute2");
+    }
+    ok
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `godwit` binary under test.
+pub fn godwit() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_godwit"))
+}
+
+/// Two hosts, `a` and `b`.
+pub struct Lab {
+    name: String,
+    subnet: u8,
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    pub fn up(name: &str, subnet: u8) -> Lab {
+        let st = Command::new("bash")
+            .arg(repo().join("ci/lab.sh"))
+            .args(["up", name])
+            .env("LAB_SUBNET", subnet.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .expect("running ci/lab.sh");
+        assert!(st.success(), "ci/lab.sh up {name} failed");
+        let dir = std::env::temp_dir().join(format!("godwit-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Lab {
+            name: name.into(),
+            subnet,
+            dir,
+        }
+    }
+
+    /// The address of host `h` ('a' or 'b').
+    pub fn addr(&self, h: char) -> String {
+        format!("10.77.{}.{}", self.subnet, if h == 'a' { 1 } else { 2 })
+    }
+
+    /// A command that runs `godwit args` on host `h`.
+    pub fn godwit(&self, h: char, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &format!("{}-{h}", self.name)]).arg(godwit()).args(args);
+        c
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo().join("ci/lab.sh"))
+            .args(["down", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// A `godwit run` or `godwit receive` process hosting (or about to host) the VM.
+pub struct VmProcess {
+    pub child: Child,
+    pub api: String,
+    pub host: char,
+}
+
+impl VmProcess {
+    pub fn spawn(mut cmd: Command, api: String, host: char, log: &str) -> VmProcess {
+        let err = std::fs::File::create(format!("{log}.stderr")).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("starting godwit");
+        VmProcess { child, api, host }
+    }
+
+    /// Waits for the API socket to appear.
+    pub fn wait_api(&mut self) {
+        wait_for(Duration::from_secs(10), "the API socket", || Path::new(&self.api).exists());
+    }
+
+    /// Waits up to `timeout` for the process to end.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes (then panics naming `what`).
+pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command to completion with a time limit.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting a command");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "command timed out after {timeout:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The guest's health from all its serial logs so far.
+pub fn guest(logs: &[String]) -> Summary {
+    let texts: Vec<String> = logs
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    heartbeat::analyse(&refs)
+}
+
+/// The guest's last reported memory-check pass.
+pub fn last_pass(logs: &[String]) -> u64 {
+    logs.iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let (_, rest) = l.split_once("] hb ")?;
+                    let t: f64 = l[1..l.find(']')?].parse().ok()?;
+                    let pass = rest.split_whitespace().find_map(|w| w.strip_prefix("pass="))?.parse::<u64>().ok()?;
+                    Some((t, pass))
+                })
+                .collect::<Vec<_>>()
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, p)| p)
+        .unwrap_or(0)
+}
+
+/// The JSON report `godwit send --json` printed.
+pub fn report(out: &Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}); stdout: {text}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}

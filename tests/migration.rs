@@ -1,0 +1,177 @@
+//! End-to-end live migration on real KVM between two hosts (network namespaces), checked by
+//! the guest itself: its memory checker, its register checks and its heartbeat counter.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{guest, last_pass, report, run_bounded, wait_for, Lab, VmProcess, SERIAL};
+
+const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts `godwit receive` on host `h`, listening on port 7000 of its address.
+fn receiver(lab: &Lab, h: char, n: usize) -> (VmProcess, String) {
+    let api = lab.path(&format!("vm-{n}.sock"));
+    let serial = lab.path(&format!("serial-{n}.log"));
+    let listen = format!("{}:7000", lab.addr(h));
+    let cmd = lab.godwit(
+        h,
+        &["receive", "--listen", &listen, "--api", &api, "--serial", &serial, "--accept-timeout", "60s"],
+    );
+    (VmProcess::spawn(cmd, api, h, &serial), serial)
+}
+
+/// Waits until the receiver whose serial log is `serial` listens.
+fn wait_listening(serial: &str) {
+    wait_for(Duration::from_secs(10), "the receiver to listen", || {
+        std::fs::read_to_string(format!("{serial}.stderr")).is_ok_and(|s| s.contains("waiting for a VM"))
+    });
+}
+
+/// Asks the VM behind `from` to move to the host `to` at port 7000; returns the JSON report.
+fn send(lab: &Lab, from: &VmProcess, to: char, extra: &[&str]) -> serde_json::Value {
+    let dest = format!("{}:7000", lab.addr(to));
+    let mut args = vec!["send", "--api", &from.api, "--to", &dest, "--json"];
+    args.extend_from_slice(extra);
+    let out = run_bounded(lab.godwit(from.host, &args), MOVE_TIMEOUT);
+    report(&out)
+}
+
+/// Waits until the guest has finished `passes` more memory-check passes (so every page was
+/// read back after the move) and at least one more heartbeat.
+fn wait_checked(logs: &[String], passes: u64) {
+    let (start_pass, start_seq) = (last_pass(logs), guest(logs).last_seq);
+    wait_for(Duration::from_secs(20), "the guest to check its memory again", || {
+        last_pass(logs) >= start_pass + passes && guest(logs).last_seq > start_seq
+    });
+}
+
+#[test]
+fn the_memory_checker_moves_ten_times_and_stays_intact() {
+    if !common::can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("gwten", 41);
+    let serial0 = lab.path("serial-0.log");
+    let api0 = lab.path("vm-0.sock");
+    let cmd = lab.godwit(
+        'a',
+        &["run", "--guest", "memcheck", "--memory", "256M", "--cmdline", "hb_ms=20 wss_mb=64", "--api", &api0, "--serial", &serial0],
+    );
+    let mut current = VmProcess::spawn(cmd, api0, 'a', &serial0);
+    current.wait_api();
+    let mut logs = vec![serial0];
+    wait_checked(&logs, 2);
+
+    for n in 1..=10 {
+        let to = if current.host == 'a' { 'b' } else { 'a' };
+        let (mut next, serial) = receiver(&lab, to, n);
+        logs.push(serial);
+        wait_listening(&logs[n]);
+        let seq_before = guest(&logs).last_seq;
+        let r = send(&lab, &current, to, &[]);
+        assert_eq!(r["outcome"], "completed", "move {n}: {r}");
+        assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "move {n}: {r}");
+
+        // Exactly one host runs the VM: the source released it and exited cleanly, the
+        // destination serves it.
+        let st = current.wait_exit(Duration::from_secs(10));
+        assert!(st.is_some_and(|s| s.success()), "move {n}: the source did not release the VM: {st:?}");
+        assert!(next.is_running(), "move {n}: the destination is not running");
+        next.wait_api();
+
+        wait_checked(&logs, 2);
+        let s = guest(&logs);
+        assert!(s.healthy(), "move {n}: the guest reports {s:?}");
+        assert!(s.last_seq > seq_before, "move {n}: the heartbeat stopped");
+        current = next;
+    }
+    let s = guest(&logs);
+    eprintln!(
+        "10 moves: {} heartbeats, longest gap {:.1} ms (period {:.1} ms), largest stall the guest saw {:.1} ms",
+        s.heartbeats,
+        s.longest_gap_ms,
+        s.median_gap_ms,
+        s.max_stall_us as f64 / 1e3
+    );
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_fails_cleanly_and_keeps_running() {
+    if !common::can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("gwfast", 42);
+    let serial0 = lab.path("serial-0.log");
+    let api0 = lab.path("vm-0.sock");
+    // 400 MiB/s of page writes over 128 MiB against a 40 MiB/s link.
+    let cmd = lab.godwit(
+        'a',
+        &["run", "--guest", "dirtier", "--memory", "256M", "--cmdline", "hb_ms=20 wss_mb=128 rate_mbps=400", "--api", &api0, "--serial", &serial0],
+    );
+    let mut source = VmProcess::spawn(cmd, api0, 'a', &serial0);
+    source.wait_api();
+    let (mut dest, serial1) = receiver(&lab, 'b', 1);
+    let logs = vec![serial0, serial1];
+    wait_checked(&logs, 1);
+    wait_listening(&logs[1]);
+
+    let r = send(&lab, &source, 'b', &["--max-bandwidth", "40M", "--max-rounds", "4"]);
+    assert_eq!(r["outcome"], "failed", "{r}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("did not converge"), "{error}");
+    assert!(error.contains("keeps running on the source"), "{error}");
+    assert_eq!(r["vm_on_source"], true);
+
+    // The source still runs the guest, intact; the destination discarded its copy.
+    assert!(source.is_running());
+    let st = dest.wait_exit(Duration::from_secs(10));
+    assert!(st.is_some_and(|s| !s.success()), "the destination should have given up: {st:?}");
+    wait_checked(&logs, 2);
+    let s = guest(&logs);
+    assert!(s.healthy(), "{s:?}");
+}
+
+#[test]
+fn killing_the_receiver_mid_migration_leaves_the_vm_on_the_source() {
+    if !common::can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("gwkill", 43);
+    let serial0 = lab.path("serial-0.log");
+    let api0 = lab.path("vm-0.sock");
+    let cmd = lab.godwit(
+        'a',
+        &["run", "--guest", "dirtier", "--memory", "512M", "--cmdline", "hb_ms=20 wss_mb=256 rate_mbps=50", "--api", &api0, "--serial", &serial0],
+    );
+    let mut source = VmProcess::spawn(cmd, api0, 'a', &serial0);
+    source.wait_api();
+    let (mut dest, serial1) = receiver(&lab, 'b', 1);
+    let logs = vec![serial0, serial1];
+    wait_checked(&logs, 1);
+
+    // A slow link keeps the first round going for seconds; kill the receiver inside it.
+    let dest_addr = format!("{}:7000", lab.addr('b'));
+    let mut sender = VmProcess::spawn(
+        lab.godwit('a', &["send", "--api", &source.api, "--to", &dest_addr, "--json", "--max-bandwidth", "40M"]),
+        String::new(),
+        'a',
+        &lab.path("send"),
+    );
+    wait_listening(&logs[1]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(sender.is_running(), "the migration ended before the receiver was killed");
+    dest.child.kill().unwrap();
+    let st = sender.wait_exit(MOVE_TIMEOUT);
+    assert!(st.is_some_and(|s| s.code() == Some(1)), "send should report a failure: {st:?}");
+    assert!(source.is_running(), "the source must keep the VM");
+
+    let before = guest(&logs).last_seq;
+    wait_checked(&logs, 2);
+    let s = guest(&logs);
+    assert!(s.healthy(), "{s:?}");
+    assert!(s.last_seq > before);
+}
