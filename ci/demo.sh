@@ -30,10 +30,16 @@ fi
 
 section() { printf '\n%s==> %s%s\n' "$BOLD" "$*" "$RESET"; }
 ok() { printf '%s ok%s  %s\n' "$GREEN" "$RESET" "$*"; }
-quote() { # ARGS...: the words, shell-quoted where needed
-    local s
-    s=$(printf '%q ' "$@")
-    echo "${s% }"
+quote() { # ARGS...: the words, single-quoted where needed
+    local w out=()
+    for w in "$@"; do
+        if [[ $w =~ ^[A-Za-z0-9_./:=,@+-]+$ ]]; then
+            out+=("$w")
+        else
+            out+=("'${w//\'/\'\\\'\'}'")
+        fi
+    done
+    echo "${out[*]}"
 }
 show() { printf '%s$ %s%s\n' "$BOLD" "$*" "$RESET"; }
 fail() {

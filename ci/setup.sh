@@ -49,8 +49,12 @@ if [[ ! -e /dev/kvm ]]; then
   virtualization"
 fi
 if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
-    die "/dev/kvm is not readable and writable by $(id -un): run as root (sudo), or add
-  yourself to its group (sudo usermod -aG $(stat -c %G /dev/kvm) $(id -un), then log in again)"
+    kvm_group=$(stat -c %G /dev/kvm)
+    if [[ $kvm_group != root ]]; then
+        die "/dev/kvm is not readable and writable by $(id -un): run as root (sudo), or add
+  yourself to its group (sudo usermod -aG $kvm_group $(id -un), then log in again)"
+    fi
+    die "/dev/kvm is not readable and writable by $(id -un): run as root (sudo)"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -53,7 +53,11 @@ impl Drop for SocketFile {
 }
 
 /// Serves `vm` until it exits, is stopped, or migrates away.
-pub fn serve(vm: Vm, api: Option<&Path>, transport: &dyn Transport) -> Result<AgentExit, AgentError> {
+pub fn serve(
+    vm: Vm,
+    api: Option<&Path>,
+    transport: &dyn Transport,
+) -> Result<AgentExit, AgentError> {
     let cancel = Arc::new(AtomicBool::new(false));
     let status = Arc::new(Mutex::new(Status {
         state: "running".into(),
@@ -69,11 +73,15 @@ pub fn serve(vm: Vm, api: Option<&Path>, transport: &dyn Transport) -> Result<Ag
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(AgentError::Bind(
                     path.to_path_buf(),
-                    std::io::Error::new(std::io::ErrorKind::AddrInUse, "another VM process answers there"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another VM process answers there",
+                    ),
                 ));
             }
             let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path).map_err(|e| AgentError::Bind(path.to_path_buf(), e))?;
+            let listener =
+                UnixListener::bind(path).map_err(|e| AgentError::Bind(path.to_path_buf(), e))?;
             let (cancel, status) = (cancel.clone(), status.clone());
             std::thread::spawn(move || accept_loop(listener, requests_tx, cancel, status));
             Some(SocketFile(path.to_path_buf()))
@@ -152,10 +160,15 @@ fn accept_loop(
 ) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let Ok(mut conn) = Connection::new(stream) else { continue };
+        let Ok(mut conn) = Connection::new(stream) else {
+            continue;
+        };
         match conn.request() {
             Ok(Request::Cancel) => {
-                let migrating = status.lock().map(|s| s.state == "migrating").unwrap_or(false);
+                let migrating = status
+                    .lock()
+                    .map(|s| s.state == "migrating")
+                    .unwrap_or(false);
                 if migrating {
                     cancel.store(true, Ordering::Relaxed);
                     conn.send(&Event::Ok);

@@ -146,7 +146,9 @@ impl Client {
         if n == 0 {
             return Ok(None);
         }
-        serde_json::from_str(&line).map(Some).map_err(ApiError::Decode)
+        serde_json::from_str(&line)
+            .map(Some)
+            .map_err(ApiError::Decode)
     }
 }
 
@@ -176,7 +178,9 @@ impl Connection {
 
     /// Sends an event; errors mean the client went away, which does not stop the VM.
     pub fn send(&mut self, event: &Event) -> bool {
-        let Ok(mut line) = serde_json::to_vec(event) else { return false };
+        let Ok(mut line) = serde_json::to_vec(event) else {
+            return false;
+        };
         line.push(b'\n');
         self.writer.write_all(&line).is_ok()
     }

@@ -60,12 +60,16 @@ impl Summary {
 
     /// Whether the guest ran as one uninterrupted, healthy life.
     pub fn healthy(&self) -> bool {
-        self.boots == 1 && self.seq_breaks.is_empty() && self.errors.is_empty() && self.heartbeats > 0
+        self.boots == 1
+            && self.seq_breaks.is_empty()
+            && self.errors.is_empty()
+            && self.heartbeats > 0
     }
 }
 
 fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    text.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// Merges the logs of all hosts the guest ran on and summarises them.
@@ -103,7 +107,9 @@ pub fn analyse(logs: &[&str]) -> Summary {
                         s.longest_gap_at = l.time;
                     }
                 }
-                None if seq != 1 => s.seq_breaks.push(format!("first heartbeat is seq {seq}, not 1")),
+                None if seq != 1 => s
+                    .seq_breaks
+                    .push(format!("first heartbeat is seq {seq}, not 1")),
                 None => {}
             }
             prev = Some((seq, l.time));

@@ -6,8 +6,8 @@
 //! - [`agent`] and [`api`]: the process that owns one VM, and the socket API it serves.
 //! - [`heartbeat`]: reads test guests' serial logs: reboots, lost pages, the pause seen.
 
-pub mod vmm;
-pub mod migration;
 pub mod agent;
 pub mod api;
 pub mod heartbeat;
+pub mod migration;
+pub mod vmm;

@@ -16,7 +16,17 @@ fn receiver(lab: &Lab, h: char, n: usize) -> (VmProcess, String) {
     let listen = format!("{}:7000", lab.addr(h));
     let cmd = lab.godwit(
         h,
-        &["receive", "--listen", &listen, "--api", &api, "--serial", &serial, "--accept-timeout", "60s"],
+        &[
+            "receive",
+            "--listen",
+            &listen,
+            "--api",
+            &api,
+            "--serial",
+            &serial,
+            "--accept-timeout",
+            "60s",
+        ],
     );
     (VmProcess::spawn(cmd, api, h, &serial), serial)
 }
@@ -24,7 +34,8 @@ fn receiver(lab: &Lab, h: char, n: usize) -> (VmProcess, String) {
 /// Waits until the receiver whose serial log is `serial` listens.
 fn wait_listening(serial: &str) {
     wait_for(Duration::from_secs(10), "the receiver to listen", || {
-        std::fs::read_to_string(format!("{serial}.stderr")).is_ok_and(|s| s.contains("waiting for a VM"))
+        std::fs::read_to_string(format!("{serial}.stderr"))
+            .is_ok_and(|s| s.contains("waiting for a VM"))
     });
 }
 
@@ -41,9 +52,11 @@ fn send(lab: &Lab, from: &VmProcess, to: char, extra: &[&str]) -> serde_json::Va
 /// read back after the move) and at least one more heartbeat.
 fn wait_checked(logs: &[String], passes: u64) {
     let (start_pass, start_seq) = (last_pass(logs), guest(logs).last_seq);
-    wait_for(Duration::from_secs(20), "the guest to check its memory again", || {
-        last_pass(logs) >= start_pass + passes && guest(logs).last_seq > start_seq
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the guest to check its memory again",
+        || last_pass(logs) >= start_pass + passes && guest(logs).last_seq > start_seq,
+    );
 }
 
 #[test]
@@ -57,7 +70,19 @@ fn the_memory_checker_moves_ten_times_and_stays_intact() {
     let api0 = lab.path("vm-0.sock");
     let cmd = lab.godwit(
         'a',
-        &["run", "--guest", "memcheck", "--memory", "256M", "--cmdline", "hb_ms=20 wss_mb=64", "--api", &api0, "--serial", &serial0],
+        &[
+            "run",
+            "--guest",
+            "memcheck",
+            "--memory",
+            "256M",
+            "--cmdline",
+            "hb_ms=20 wss_mb=64",
+            "--api",
+            &api0,
+            "--serial",
+            &serial0,
+        ],
     );
     let mut current = VmProcess::spawn(cmd, api0, 'a', &serial0);
     current.wait_api();
@@ -77,8 +102,14 @@ fn the_memory_checker_moves_ten_times_and_stays_intact() {
         // Exactly one host runs the VM: the source released it and exited cleanly, the
         // destination serves it.
         let st = current.wait_exit(Duration::from_secs(10));
-        assert!(st.is_some_and(|s| s.success()), "move {n}: the source did not release the VM: {st:?}");
-        assert!(next.is_running(), "move {n}: the destination is not running");
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "move {n}: the source did not release the VM: {st:?}"
+        );
+        assert!(
+            next.is_running(),
+            "move {n}: the destination is not running"
+        );
         next.wait_api();
 
         wait_checked(&logs, 2);
@@ -109,7 +140,19 @@ fn a_guest_dirtying_faster_than_the_link_fails_cleanly_and_keeps_running() {
     // 400 MiB/s of page writes over 128 MiB against a 40 MiB/s link.
     let cmd = lab.godwit(
         'a',
-        &["run", "--guest", "dirtier", "--memory", "256M", "--cmdline", "hb_ms=20 wss_mb=128 rate_mbps=400", "--api", &api0, "--serial", &serial0],
+        &[
+            "run",
+            "--guest",
+            "dirtier",
+            "--memory",
+            "256M",
+            "--cmdline",
+            "hb_ms=20 wss_mb=128 rate_mbps=400",
+            "--api",
+            &api0,
+            "--serial",
+            &serial0,
+        ],
     );
     let mut source = VmProcess::spawn(cmd, api0, 'a', &serial0);
     source.wait_api();
@@ -118,7 +161,12 @@ fn a_guest_dirtying_faster_than_the_link_fails_cleanly_and_keeps_running() {
     wait_checked(&logs, 1);
     wait_listening(&logs[1]);
 
-    let r = send(&lab, &source, 'b', &["--max-bandwidth", "40M", "--max-rounds", "4"]);
+    let r = send(
+        &lab,
+        &source,
+        'b',
+        &["--max-bandwidth", "40M", "--max-rounds", "4"],
+    );
     assert_eq!(r["outcome"], "failed", "{r}");
     let error = r["error"].as_str().unwrap_or_default();
     assert!(error.contains("did not converge"), "{error}");
@@ -128,7 +176,10 @@ fn a_guest_dirtying_faster_than_the_link_fails_cleanly_and_keeps_running() {
     // The source still runs the guest, intact; the destination discarded its copy.
     assert!(source.is_running());
     let st = dest.wait_exit(Duration::from_secs(10));
-    assert!(st.is_some_and(|s| !s.success()), "the destination should have given up: {st:?}");
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "the destination should have given up: {st:?}"
+    );
     wait_checked(&logs, 2);
     let s = guest(&logs);
     assert!(s.healthy(), "{s:?}");
@@ -145,7 +196,19 @@ fn killing_the_receiver_mid_migration_leaves_the_vm_on_the_source() {
     let api0 = lab.path("vm-0.sock");
     let cmd = lab.godwit(
         'a',
-        &["run", "--guest", "dirtier", "--memory", "512M", "--cmdline", "hb_ms=20 wss_mb=256 rate_mbps=50", "--api", &api0, "--serial", &serial0],
+        &[
+            "run",
+            "--guest",
+            "dirtier",
+            "--memory",
+            "512M",
+            "--cmdline",
+            "hb_ms=20 wss_mb=256 rate_mbps=50",
+            "--api",
+            &api0,
+            "--serial",
+            &serial0,
+        ],
     );
     let mut source = VmProcess::spawn(cmd, api0, 'a', &serial0);
     source.wait_api();
@@ -156,17 +219,35 @@ fn killing_the_receiver_mid_migration_leaves_the_vm_on_the_source() {
     // A slow link keeps the first round going for seconds; kill the receiver inside it.
     let dest_addr = format!("{}:7000", lab.addr('b'));
     let mut sender = VmProcess::spawn(
-        lab.godwit('a', &["send", "--api", &source.api, "--to", &dest_addr, "--json", "--max-bandwidth", "40M"]),
+        lab.godwit(
+            'a',
+            &[
+                "send",
+                "--api",
+                &source.api,
+                "--to",
+                &dest_addr,
+                "--json",
+                "--max-bandwidth",
+                "40M",
+            ],
+        ),
         String::new(),
         'a',
         &lab.path("send"),
     );
     wait_listening(&logs[1]);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(sender.is_running(), "the migration ended before the receiver was killed");
+    assert!(
+        sender.is_running(),
+        "the migration ended before the receiver was killed"
+    );
     dest.child.kill().unwrap();
     let st = sender.wait_exit(MOVE_TIMEOUT);
-    assert!(st.is_some_and(|s| s.code() == Some(1)), "send should report a failure: {st:?}");
+    assert!(
+        st.is_some_and(|s| s.code() == Some(1)),
+        "send should report a failure: {st:?}"
+    );
     assert!(source.is_running(), "the source must keep the VM");
 
     let before = guest(&logs).last_seq;

@@ -150,6 +150,7 @@ static struct {
     u64 wss_mb;
     int wss_given;
     u64 rate_mbps;
+    int fill;
     u64 hb_ms;
     u64 tsc_khz;
     const char *tsc_src;
@@ -496,14 +497,19 @@ static void run_pass(u64 r)
 {
     u64 npages = (g.end - g.start) / PAGE;
     u8 want = (u8)(r - 1);
+    int paced = g.rate_mbps && !(g.fill && r == 1);
     u64 p;
+
+    /* After an unpaced fill pass, the rate starts counting now. */
+    if (paced && g.fill && r == 2)
+        g.next_page = poll();
 
     for (p = 0; p < npages; p++) {
         u64 gpa = g.start + p * PAGE;
         volatile u8 *b = (volatile u8 *)gpa;
         u8 got;
 
-        if (g.rate_mbps)
+        if (paced)
             pace();
         else if ((p & 15) == 0)
             poll();
@@ -579,6 +585,8 @@ static void parse_cmdline(const char *c)
             g.wss_given = 1;
         } else if (streq_n(key, "rate_mbps", klen)) {
             g.rate_mbps = parse_u64(val, vlen);
+        } else if (streq_n(key, "fill", klen)) {
+            g.fill = parse_u64(val, vlen) != 0;
         } else if (streq_n(key, "hb_ms", klen)) {
             g.hb_ms = parse_u64(val, vlen);
         } else if (streq_n(key, "tsc_khz", klen)) {
@@ -685,6 +693,7 @@ void user_main(const struct hvm_start_info *si, u64 cpuid_khz)
     put_dec(&l, g.wss_mb);
     put_s(&l, " rate_mbps=");
     put_dec(&l, g.rate_mbps);
+    put_s(&l, g.fill ? " fill=1" : "");
     put_s(&l, " hb_ms=");
     put_dec(&l, g.hb_ms);
     put_s(&l, " tsc_khz=");

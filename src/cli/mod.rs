@@ -194,10 +194,14 @@ fn dispatch(cmd: Command) -> Result<i32> {
                         Guest::Memcheck => "mode=check",
                         Guest::Dirtier => "mode=dirty",
                     };
-                    (godwit_guests::TESTGUEST_ELF.to_vec(), format!("{mode} {cmdline}"))
+                    (
+                        godwit_guests::TESTGUEST_ELF.to_vec(),
+                        format!("{mode} {cmdline}"),
+                    )
                 }
                 (None, Some(path)) => (
-                    std::fs::read(&path).with_context(|| format!("cannot read the image {}", path.display()))?,
+                    std::fs::read(&path)
+                        .with_context(|| format!("cannot read the image {}", path.display()))?,
                     cmdline,
                 ),
                 _ => bail!("give a guest to boot: --guest memcheck|dirtier or --kernel FILE"),
@@ -208,13 +212,21 @@ fn dispatch(cmd: Command) -> Result<i32> {
                 layout,
                 tsc_khz: None,
             };
-            let vm = Vm::boot(&config, &image, cmdline.trim(), serial_sink(host.serial.as_deref())?)?;
+            let vm = Vm::boot(
+                &config,
+                &image,
+                cmdline.trim(),
+                serial_sink(host.serial.as_deref())?,
+            )?;
             vm.resume()?;
             eprintln!(
                 "godwit: VM running ({} MiB, {} vCPU){}",
                 memory >> 20,
                 cpus,
-                host.api.as_ref().map(|p| format!(", API at {}", p.display())).unwrap_or_default()
+                host.api
+                    .as_ref()
+                    .map(|p| format!(", API at {}", p.display()))
+                    .unwrap_or_default()
             );
             serve(vm, host.api.as_deref())
         }
@@ -274,11 +286,17 @@ fn dispatch(cmd: Command) -> Result<i32> {
                         } else {
                             render::print_report(&r);
                         }
-                        return Ok(if r.outcome == Outcome::Completed { 0 } else { 1 });
+                        return Ok(if r.outcome == Outcome::Completed {
+                            0
+                        } else {
+                            1
+                        });
                     }
                     Some(Event::Error { message }) => bail!("{message}"),
                     Some(_) => {}
-                    None => bail!("the VM process closed the connection before reporting; check its log"),
+                    None => bail!(
+                        "the VM process closed the connection before reporting; check its log"
+                    ),
                 }
             }
         }
@@ -303,7 +321,10 @@ fn dispatch(cmd: Command) -> Result<i32> {
         Command::Heartbeat { logs, json } => {
             let texts = logs
                 .iter()
-                .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+                .map(|p| {
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("cannot read {}", p.display()))
+                })
                 .collect::<Result<Vec<_>>>()?;
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let s = heartbeat::analyse(&refs);
@@ -326,10 +347,14 @@ fn dispatch(cmd: Command) -> Result<i32> {
                 (Some(addr), None) => {
                     let mut l = transport.listen(&addr)?;
                     eprintln!("godwit: link test listening on {}", l.local_addr());
-                    ("receive", probe::receive(l.accept(Duration::from_secs(120))?)?)
+                    (
+                        "receive",
+                        probe::receive(l.accept(Duration::from_secs(120))?)?,
+                    )
                 }
                 (None, Some(addr)) => {
-                    let n = std::num::NonZeroUsize::new(streams).context("--streams must be at least 1")?;
+                    let n = std::num::NonZeroUsize::new(streams)
+                        .context("--streams must be at least 1")?;
                     let conn = transport.connect(&addr, n, &Default::default())?;
                     ("send", probe::send(conn, duration)?)
                 }

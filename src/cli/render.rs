@@ -35,7 +35,11 @@ impl ProgressBar {
             return;
         }
         let total = p.transferred_bytes as f64 + p.remaining_bytes as f64;
-        let done = if total > 0.0 { p.transferred_bytes as f64 / total } else { 1.0 };
+        let done = if total > 0.0 {
+            p.transferred_bytes as f64 / total
+        } else {
+            1.0
+        };
         let width = 24;
         let filled = ((done * width as f64) as usize).min(width);
         let line = format!(
@@ -53,7 +57,10 @@ impl ProgressBar {
         if self.tty {
             let _ = write!(err, "\r{line}\x1b[K");
             self.drawn = true;
-        } else if self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        } else if self
+            .last_line
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
             let _ = writeln!(err, "{line}");
             self.last_line = Some(Instant::now());
         }
@@ -76,7 +83,10 @@ pub fn print_report(r: &Report) {
         Outcome::Failed => "FAILED",
         Outcome::Cancelled => "cancelled",
     };
-    println!("migration {outcome} over {} ({} streams, {} threads)", r.transport, r.streams, r.threads);
+    println!(
+        "migration {outcome} over {} ({} streams, {} threads)",
+        r.transport, r.streams, r.threads
+    );
     if let Some(e) = &r.error {
         println!("  error:        {e}");
     }
@@ -114,7 +124,13 @@ pub fn print_report(r: &Report) {
     }
     println!(
         "  the VM runs on the {}",
-        if r.vm_on_source { "source" } else if r.outcome == Outcome::Completed { "destination" } else { "destination or nowhere (in doubt): check both hosts" }
+        if r.vm_on_source {
+            "source"
+        } else if r.outcome == Outcome::Completed {
+            "destination"
+        } else {
+            "destination or nowhere (in doubt): check both hosts"
+        }
     );
 }
 
@@ -141,5 +157,12 @@ pub fn print_heartbeat(s: &Summary) {
     for e in s.errors.iter().take(10) {
         println!("  guest error: {e}");
     }
-    println!("  verdict: {}", if s.healthy() { "one uninterrupted life, memory and registers intact" } else { "NOT HEALTHY" });
+    println!(
+        "  verdict: {}",
+        if s.healthy() {
+            "one uninterrupted life, memory and registers intact"
+        } else {
+            "NOT HEALTHY"
+        }
+    );
 }

@@ -48,7 +48,7 @@
 use lz4_flex::block::{compress_into, decompress_into, get_maximum_output_size, DecompressError};
 
 /// Size of a guest page, in bytes.
-pub const PAGE_SIZE: usize = 4096;
+pub const PAGE_SIZE: usize = crate::vmm::memory::PAGE_SIZE as usize;
 /// Most pages one batch may carry.
 pub const MAX_BATCH_PAGES: usize = 256;
 /// Bytes of a page batch header (before the address lists).

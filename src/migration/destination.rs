@@ -69,7 +69,10 @@ struct Session {
     phase: PhaseLog<DestinationPhase>,
 }
 
-fn recv_message(source: &mut dyn FrameSource, buf: &mut Vec<u8>) -> Result<Message, MigrationError> {
+fn recv_message(
+    source: &mut dyn FrameSource,
+    buf: &mut Vec<u8>,
+) -> Result<Message, MigrationError> {
     if !source.recv(buf)? {
         return Err(MigrationError::PeerVanished("the handshake"));
     }
@@ -89,7 +92,11 @@ fn judge(hello: &Hello, data_streams: usize) -> Result<(), String> {
         .validate()
         .map_err(|e| format!("the source's memory layout is invalid: {e}"))?;
     if hello.vcpus == 0 || hello.vcpus > vmm::MAX_VCPUS {
-        return Err(format!("the VM has {} vCPUs; this host runs 1 to {}", hello.vcpus, vmm::MAX_VCPUS));
+        return Err(format!(
+            "the VM has {} vCPUs; this host runs 1 to {}",
+            hello.vcpus,
+            vmm::MAX_VCPUS
+        ));
     }
     if usize::from(hello.streams) != data_streams {
         return Err(format!(
@@ -156,7 +163,12 @@ impl Session {
         // Handshake: judge, build, accept.
         let hello = match recv_message(&mut *ctl_source, &mut buf)? {
             Message::Hello(h) => h,
-            m => return Err(MigrationError::Unexpected { expected: "Hello", got: m.name() }),
+            m => {
+                return Err(MigrationError::Unexpected {
+                    expected: "Hello",
+                    got: m.name(),
+                })
+            }
         };
         if let Err(why) = judge(&hello, data_streams) {
             let _ = send_message(&mut *control, &Message::Refuse(why.clone()));
@@ -176,7 +188,9 @@ impl Session {
             }
         };
         let limits = MemoryLimits::new(hello.layout.regions.iter().map(|r| (r.start, r.size)))
-            .map_err(|e| MigrationError::Refused(format!("the source's memory layout is invalid: {e}")))?;
+            .map_err(|e| {
+                MigrationError::Refused(format!("the source's memory layout is invalid: {e}"))
+            })?;
         let (events_tx, events) = unbounded();
         let mut sources = Vec::with_capacity(data_streams);
         for ch in conn.data {
@@ -186,7 +200,12 @@ impl Session {
         send_message(&mut *control, &Message::Accept)?;
         self.go(DestinationPhase::Receiving);
         // The threads end on their own when the source closes the streams.
-        drop(spawn_receivers(vm.memory().clone(), sources, Arc::new(limits), events_tx));
+        drop(spawn_receivers(
+            vm.memory().clone(),
+            sources,
+            Arc::new(limits),
+            events_tx,
+        ));
 
         // Pages flow until the source switches over.
         let inbox = protocol::spawn_inbox(ctl_source);
@@ -211,10 +230,12 @@ impl Session {
         let deadline = Instant::now() + opts.idle_timeout;
         while rounds_done.iter().any(|&r| r < final_round) {
             let left = deadline.saturating_duration_since(Instant::now());
-            let e = events.recv_timeout(left).map_err(|_| MigrationError::Timeout {
-                what: "the last pages of the final round",
-                secs: opts.idle_timeout.as_secs(),
-            })?;
+            let e = events
+                .recv_timeout(left)
+                .map_err(|_| MigrationError::Timeout {
+                    what: "the last pages of the final round",
+                    secs: opts.idle_timeout.as_secs(),
+                })?;
             stream_event(Some(e), &mut rounds_done)?;
         }
 
@@ -226,7 +247,10 @@ impl Session {
             .as_nanos() as u64;
         let paused_for = Duration::from_nanos(now_ns.saturating_sub(paused_at));
         if let Err(e) = vm.restore(*state, paused_for) {
-            let _ = send_message(&mut *control, &Message::Abort(format!("the destination cannot load the VM state: {e}")));
+            let _ = send_message(
+                &mut *control,
+                &Message::Abort(format!("the destination cannot load the VM state: {e}")),
+            );
             return Err(e.into());
         }
         send_message(&mut *control, &Message::Restored)?;
@@ -234,7 +258,12 @@ impl Session {
         match wait_inbox(&inbox, opts.idle_timeout, "the source's commit")? {
             Message::Commit => {}
             Message::Abort(why) => return Err(MigrationError::PeerAborted(why)),
-            m => return Err(MigrationError::Unexpected { expected: "Commit", got: m.name() }),
+            m => {
+                return Err(MigrationError::Unexpected {
+                    expected: "Commit",
+                    got: m.name(),
+                })
+            }
         }
         vm.resume()?;
         self.go(DestinationPhase::Running);
@@ -250,7 +279,9 @@ fn stream_event(e: Option<StreamEvent>, rounds_done: &mut [u32]) -> Result<(), M
             rounds_done[stream] = round;
             Ok(())
         }
-        Some(StreamEvent::Failed { stream, error }) => Err(MigrationError::Stream { stream, error }),
+        Some(StreamEvent::Failed { stream, error }) => {
+            Err(MigrationError::Stream { stream, error })
+        }
         None => Err(MigrationError::PeerVanished("pre-copy")),
     }
 }
@@ -260,8 +291,10 @@ fn wait_inbox(
     timeout: Duration,
     what: &'static str,
 ) -> Result<Message, MigrationError> {
-    inbox.recv_timeout(timeout).map_err(|_| MigrationError::Timeout {
-        what,
-        secs: timeout.as_secs(),
-    })?
+    inbox
+        .recv_timeout(timeout)
+        .map_err(|_| MigrationError::Timeout {
+            what,
+            secs: timeout.as_secs(),
+        })?
 }

@@ -101,7 +101,9 @@ pub enum MigrationError {
         got: u32,
     },
     /// A round ended with batches missing.
-    #[error("stream {stream} ended round {round} announcing {announced} batches but {received} arrived")]
+    #[error(
+        "stream {stream} ended round {round} announcing {announced} batches but {received} arrived"
+    )]
     RoundIncomplete {
         /// Stream index.
         stream: usize,

@@ -123,7 +123,11 @@ impl<P: Copy + PartialEq + std::fmt::Debug> PhaseLog<P> {
 
     /// Moves to `next` if `legal(current, next)`; an illegal step is a bug in the driver.
     pub fn go(&mut self, next: P, legal: impl Fn(P, P) -> bool) {
-        debug_assert!(legal(self.current, next), "illegal phase step {:?} -> {next:?}", self.current);
+        debug_assert!(
+            legal(self.current, next),
+            "illegal phase step {:?} -> {next:?}",
+            self.current
+        );
         let now = Instant::now();
         self.history.push((self.current, now - self.since));
         self.current = next;

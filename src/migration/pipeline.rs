@@ -21,7 +21,9 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use godwit_transport::{FrameSink, FrameSource};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::batch::{self, BatchEncoder, Compression, Decoded, MemoryLimits, MAX_BATCH_PAGES, PAGE_SIZE};
+use super::batch::{
+    self, BatchEncoder, Compression, Decoded, MemoryLimits, MAX_BATCH_PAGES, PAGE_SIZE,
+};
 use super::MigrationError;
 use crate::vmm::memory::GuestMemory;
 
@@ -51,7 +53,9 @@ impl RateLimiter {
     /// Waits until `bytes` may go.
     fn acquire(&self, bytes: usize) {
         let wait = {
-            let Ok(mut next) = self.next.lock() else { return };
+            let Ok(mut next) = self.next.lock() else {
+                return;
+            };
             let now = Instant::now();
             let start = (*next).max(now);
             *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
@@ -181,7 +185,10 @@ impl SendPipeline {
         let mut pending: Vec<Vec<u64>> = vec![Vec::with_capacity(BATCH_PAGES); n as usize];
         let mut outstanding = 0usize;
         let mut total = BatchStats::default();
-        let mut collect = |block: bool, outstanding: &mut usize, total: &mut BatchStats| -> Result<(), MigrationError> {
+        let mut collect = |block: bool,
+                           outstanding: &mut usize,
+                           total: &mut BatchStats|
+         -> Result<(), MigrationError> {
             loop {
                 let r = if block {
                     match self.results.recv_timeout(Duration::from_secs(30)) {
@@ -203,7 +210,10 @@ impl SendPipeline {
                 }
             }
         };
-        let dispatch = |stream: usize, batch: Vec<u64>, outstanding: &mut usize| -> Result<(), MigrationError> {
+        let dispatch = |stream: usize,
+                        batch: Vec<u64>,
+                        outstanding: &mut usize|
+         -> Result<(), MigrationError> {
             jobs.send(Job {
                 round,
                 stream,
@@ -270,7 +280,14 @@ fn worker(
     let mut encoder = BatchEncoder::new();
     let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
     for job in jobs {
-        let r = send_batch(&memory, &job, &mut encoder, &mut buf, &streams, limiter.as_deref());
+        let r = send_batch(
+            &memory,
+            &job,
+            &mut encoder,
+            &mut buf,
+            &streams,
+            limiter.as_deref(),
+        );
         if results.send(r).is_err() {
             break;
         }
@@ -287,7 +304,10 @@ fn send_batch(
 ) -> Result<BatchStats, MigrationError> {
     for (i, &gpa) in job.pages.iter().enumerate() {
         memory
-            .read_slice(&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], GuestAddress(gpa))
+            .read_slice(
+                &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+                GuestAddress(gpa),
+            )
             .map_err(|e| MigrationError::Memory(e.to_string()))?;
     }
     let pages: Vec<(u64, &[u8])> = job
@@ -309,14 +329,28 @@ fn send_batch(
         zero_pages: es.zero_pages as u64,
         raw_bytes: es.raw_bytes as u64,
         wire_bytes: wire,
-        compressed_raw: if es.compressed { es.raw_bytes as u64 } else { 0 },
-        compressed_wire: if es.compressed { payload.len() as u64 } else { 0 },
-        compress_time: if job.compression == Compression::Lz4 { took } else { Duration::ZERO },
+        compressed_raw: if es.compressed {
+            es.raw_bytes as u64
+        } else {
+            0
+        },
+        compressed_wire: if es.compressed {
+            payload.len() as u64
+        } else {
+            0
+        },
+        compress_time: if job.compression == Compression::Lz4 {
+            took
+        } else {
+            Duration::ZERO
+        },
     };
     if let Some(l) = limiter {
         l.acquire(wire as usize);
     }
-    let mut st = streams[job.stream].lock().map_err(|_| MigrationError::PipelineClosed)?;
+    let mut st = streams[job.stream]
+        .lock()
+        .map_err(|_| MigrationError::PipelineClosed)?;
     st.sink.send(&[header, payload])?;
     st.batches += 1;
     Ok(stats)
@@ -384,7 +418,11 @@ fn receive_stream(
         match batch::decode(&frame, limits, &mut scratch)? {
             Decoded::Batch(b) => {
                 if b.round != round {
-                    return Err(MigrationError::StreamOrder { stream, expected: round, got: b.round });
+                    return Err(MigrationError::StreamOrder {
+                        stream,
+                        expected: round,
+                        got: b.round,
+                    });
                 }
                 for gpa in b.zero_pages() {
                     // Memory here starts zeroed; reading an untouched page does not allocate it.
@@ -405,9 +443,17 @@ fn receive_stream(
                 }
                 batches += 1;
             }
-            Decoded::EndOfRound { round: r, batches: n } => {
+            Decoded::EndOfRound {
+                round: r,
+                batches: n,
+            } => {
                 if r != round || n != batches {
-                    return Err(MigrationError::RoundIncomplete { stream, round: r, announced: n, received: batches });
+                    return Err(MigrationError::RoundIncomplete {
+                        stream,
+                        round: r,
+                        announced: n,
+                        received: batches,
+                    });
                 }
                 let _ = events.send(StreamEvent::RoundEnd { stream, round });
                 round += 1;

@@ -106,7 +106,13 @@ impl Estimates {
     /// Takes in one round: `moved` page bytes (non-zero pages, raw size) in `took`, of which
     /// `raw_wire` bytes went on the wire if the round was uncompressed, and the bytes the guest
     /// dirtied meanwhile.
-    pub fn record_round(&mut self, moved: u64, raw_wire: Option<u64>, took: Duration, dirtied: u64) {
+    pub fn record_round(
+        &mut self,
+        moved: u64,
+        raw_wire: Option<u64>,
+        took: Duration,
+        dirtied: u64,
+    ) {
         let secs = took.as_secs_f64().max(1e-6);
         if moved >= MIN_MEASURED_BYTES {
             self.page_bytes_per_sec = moved as f64 / secs;
@@ -171,9 +177,14 @@ mod tests {
         e.record_round(1 << 30, Some(1 << 30), Duration::from_secs(1), 0);
         let limits = Limits::default();
         // 1 GiB/s: 40 MiB takes ~39 ms + 3 ms fixed, within 50 ms.
-        assert!(matches!(e.decide(&limits, 1, 40 << 20), Decision::Switchover { .. }));
+        assert!(matches!(
+            e.decide(&limits, 1, 40 << 20),
+            Decision::Switchover { .. }
+        ));
         assert_eq!(e.decide(&limits, 1, 60 << 20), Decision::Continue);
-        assert!(matches!(e.decide(&limits, 30, 60 << 20), Decision::GiveUp(m) if m.contains("did not converge")));
+        assert!(
+            matches!(e.decide(&limits, 30, 60 << 20), Decision::GiveUp(m) if m.contains("did not converge"))
+        );
     }
 
     #[test]
@@ -190,8 +201,14 @@ mod tests {
         let mut e = Estimates::default();
         e.record_compression(100 << 20, 25 << 20, Duration::from_millis(100));
         e.record_round(100 << 20, Some(100 << 20), Duration::from_secs(1), 0);
-        assert!(e.compression_pays(2), "100 MB/s link, 1 GB/s compressor, ratio 4");
+        assert!(
+            e.compression_pays(2),
+            "100 MB/s link, 1 GB/s compressor, ratio 4"
+        );
         e.record_round(3 << 30, Some(3 << 30), Duration::from_secs(1), 0);
-        assert!(!e.compression_pays(1), "3 GiB/s link beats a 1 GB/s compressor");
+        assert!(
+            !e.compression_pays(1),
+            "3 GiB/s link beats a 1 GB/s compressor"
+        );
     }
 }

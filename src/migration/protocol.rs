@@ -10,8 +10,8 @@ use godwit_transport::FrameSource;
 use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
 
-use crate::vmm::memory::MemoryLayout;
 use super::MigrationError;
+use crate::vmm::memory::MemoryLayout;
 use crate::vmm::state::VmState;
 
 /// The control protocol's magic.
@@ -178,7 +178,10 @@ mod tests {
     fn other_versions_and_garbage_are_refused() {
         let mut f = encode(&Message::Commit);
         f[4] = 9;
-        assert!(matches!(decode(&f), Err(ProtocolError::Version { theirs: 9, .. })));
+        assert!(matches!(
+            decode(&f),
+            Err(ProtocolError::Version { theirs: 9, .. })
+        ));
         assert!(matches!(decode(b"HTTP/1.1"), Err(ProtocolError::BadMagic)));
         let mut f = encode(&Message::Commit);
         f.push(0);

@@ -143,14 +143,25 @@ pub fn migrate(
         }
         Err(e) if run.phase.current().resumes_on_failure() => {
             let cancelled = matches!(e, MigrationError::Cancelled);
-            let next = if cancelled { SourcePhase::Cancelled } else { SourcePhase::Failed };
+            let next = if cancelled {
+                SourcePhase::Cancelled
+            } else {
+                SourcePhase::Failed
+            };
             run.phase.go(next, SourcePhase::can_go_to);
-            let resumed = run.vm.set_dirty_logging(false).and_then(|()| run.vm.resume());
+            let resumed = run
+                .vm
+                .set_dirty_logging(false)
+                .and_then(|()| run.vm.resume());
             let error = match resumed {
                 Ok(()) => format!("{e}; the VM keeps running on the source"),
                 Err(r) => format!("{e}; resuming the VM on the source also failed: {r}"),
             };
-            let outcome = if cancelled { Outcome::Cancelled } else { Outcome::Failed };
+            let outcome = if cancelled {
+                Outcome::Cancelled
+            } else {
+                Outcome::Failed
+            };
             (outcome, Some(error), true)
         }
         Err(e) => {
@@ -164,7 +175,7 @@ pub fn migrate(
     };
     let (mut raw, mut wire, mut zero) = (0u64, 0u64, 0u64);
     for r in &run.rounds {
-        raw += (r.pages - r.zero_pages) * PAGE_SIZE as u64;
+        raw += (r.pages - r.zero_pages) * PAGE_SIZE;
         wire += r.wire_bytes;
         zero += r.zero_pages;
     }
@@ -180,7 +191,11 @@ pub fn migrate(
         guest_memory_bytes: run.vm.layout().total_bytes(),
         rounds: run.rounds.len() as u32,
         zero_pages: zero,
-        compression_ratio: if wire > 0 { raw as f64 / wire as f64 } else { 1.0 },
+        compression_ratio: if wire > 0 {
+            raw as f64 / wire as f64
+        } else {
+            1.0
+        },
         transport: run.transport_name.to_string(),
         streams: opts.streams.get(),
         threads: opts.threads.get(),
@@ -223,14 +238,28 @@ impl Run<'_> {
             streams: self.opts.streams.get() as u16,
         };
         self.send(&mut *control, &Message::Hello(Box::new(hello)))?;
-        match inbox.wait("the destination's answer to the handshake", self.opts.reply_timeout)? {
+        match inbox.wait(
+            "the destination's answer to the handshake",
+            self.opts.reply_timeout,
+        )? {
             Message::Accept => {}
             Message::Refuse(why) => return Err(MigrationError::Refused(why)),
-            m => return Err(MigrationError::Unexpected { expected: "Accept", got: m.name() }),
+            m => {
+                return Err(MigrationError::Unexpected {
+                    expected: "Accept",
+                    got: m.name(),
+                })
+            }
         }
-        let sinks: Vec<Box<dyn FrameSink>> = conn.data.into_iter().map(|c| c.into_parts().0).collect();
+        let sinks: Vec<Box<dyn FrameSink>> =
+            conn.data.into_iter().map(|c| c.into_parts().0).collect();
         let limiter = self.opts.max_bandwidth.map(RateLimiter::new);
-        let mut pipeline = SendPipeline::new(self.vm.memory().clone(), sinks, self.opts.threads.get(), limiter);
+        let mut pipeline = SendPipeline::new(
+            self.vm.memory().clone(),
+            sinks,
+            self.opts.threads.get(),
+            limiter,
+        );
 
         // Pre-copy.
         self.vm.set_dirty_logging(true)?;
@@ -245,7 +274,8 @@ impl Run<'_> {
             let compression = self.compression();
             let started = Instant::now();
             let pages = dirty.count();
-            let stats = self.send_round(&mut pipeline, round, &dirty, compression, cancel, progress)?;
+            let stats =
+                self.send_round(&mut pipeline, round, &dirty, compression, cancel, progress)?;
             inbox.wait_applied(round, self.opts.reply_timeout)?;
             let took = started.elapsed();
             dirty = self.vm.take_dirty()?;
@@ -254,12 +284,18 @@ impl Run<'_> {
                 stats.raw_bytes,
                 (compression == Compression::None).then_some(stats.wire_bytes),
                 took,
-                dirtied * PAGE_SIZE as u64,
+                dirtied * PAGE_SIZE,
             );
-            self.estimates
-                .record_compression(stats.compressed_raw, stats.compressed_wire, stats.compress_time);
+            self.estimates.record_compression(
+                stats.compressed_raw,
+                stats.compressed_wire,
+                stats.compress_time,
+            );
             self.record(round, pages, &stats, took, compression, dirtied);
-            match self.estimates.decide(&self.opts.limits, round, dirtied * PAGE_SIZE as u64) {
+            match self
+                .estimates
+                .decide(&self.opts.limits, round, dirtied * PAGE_SIZE)
+            {
                 Decision::Continue => {
                     round += 1;
                     self.go(SourcePhase::PreCopy(round));
@@ -286,7 +322,14 @@ impl Run<'_> {
         let final_round = round + 1;
         let pages = dirty.count();
         let compression = self.compression();
-        let stats = self.send_round(&mut pipeline, final_round, &dirty, compression, cancel, &mut |_| {})?;
+        let stats = self.send_round(
+            &mut pipeline,
+            final_round,
+            &dirty,
+            compression,
+            cancel,
+            &mut |_| {},
+        )?;
         self.record(final_round, pages, &stats, pause.elapsed(), compression, 0);
         let t_pages = pause.elapsed();
         let state = self.vm.save()?;
@@ -302,7 +345,12 @@ impl Run<'_> {
         self.go(SourcePhase::AwaitRestored);
         match inbox.wait("the destination to load the VM", self.opts.reply_timeout)? {
             Message::Restored => {}
-            m => return Err(MigrationError::Unexpected { expected: "Restored", got: m.name() }),
+            m => {
+                return Err(MigrationError::Unexpected {
+                    expected: "Restored",
+                    got: m.name(),
+                })
+            }
         }
         let t_restored = pause.elapsed();
 
@@ -311,7 +359,12 @@ impl Run<'_> {
         self.send(&mut *control, &Message::Commit)?;
         match inbox.wait("the destination to resume the VM", self.opts.reply_timeout)? {
             Message::Resumed => {}
-            m => return Err(MigrationError::Unexpected { expected: "Resumed", got: m.name() }),
+            m => {
+                return Err(MigrationError::Unexpected {
+                    expected: "Resumed",
+                    got: m.name(),
+                })
+            }
         }
         self.downtime = pause.elapsed();
         self.pause_steps = PauseSteps {
@@ -366,8 +419,8 @@ impl Run<'_> {
             }
             last_report = now;
             let secs = now.duration_since(started).as_secs_f64().max(1e-6);
-            let rate = (s.pages * PAGE_SIZE as u64) as f64 / secs;
-            let remaining = total_pages.saturating_sub(s.pages) * PAGE_SIZE as u64;
+            let rate = (s.pages * PAGE_SIZE) as f64 / secs;
+            let remaining = total_pages.saturating_sub(s.pages) * PAGE_SIZE;
             progress(&Progress {
                 round,
                 transferred_bytes: sent_before + s.wire_bytes,

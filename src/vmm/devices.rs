@@ -49,7 +49,9 @@ pub struct Serial {
 
 impl std::fmt::Debug for Serial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Serial").field("state", &self.state).finish()
+        f.debug_struct("Serial")
+            .field("state", &self.state)
+            .finish()
     }
 }
 

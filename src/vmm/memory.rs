@@ -93,7 +93,10 @@ impl MemoryLayout {
             });
         }
         let low = bytes.min(LOW_RAM_END);
-        let mut regions = vec![RamRegion { start: 0, size: low }];
+        let mut regions = vec![RamRegion {
+            start: 0,
+            size: low,
+        }];
         if bytes > low {
             regions.push(RamRegion {
                 start: HIGH_RAM_START,
@@ -206,7 +209,8 @@ impl DirtyBitmap {
             .zip(&layout.regions)
             .flat_map(|(words, region)| {
                 words.iter().enumerate().flat_map(move |(wi, &word)| {
-                    BitIter(word).map(move |bit| region.start + ((wi as u64) * 64 + bit) * PAGE_SIZE)
+                    BitIter(word)
+                        .map(move |bit| region.start + ((wi as u64) * 64 + bit) * PAGE_SIZE)
                 })
             })
     }
@@ -238,8 +242,14 @@ mod tests {
         assert_eq!(
             l.regions,
             vec![
-                RamRegion { start: 0, size: 3 << 30 },
-                RamRegion { start: 4 << 30, size: 1 << 30 }
+                RamRegion {
+                    start: 0,
+                    size: 3 << 30
+                },
+                RamRegion {
+                    start: 4 << 30,
+                    size: 1 << 30
+                }
             ]
         );
         assert_eq!(l.total_bytes(), 4 << 30);
@@ -248,17 +258,35 @@ mod tests {
 
     #[test]
     fn layout_refuses_bad_sizes() {
-        assert!(matches!(MemoryLayout::for_size(4097), Err(LayoutError::Unaligned(_))));
-        assert!(matches!(MemoryLayout::for_size(1 << 20), Err(LayoutError::OutOfRange { .. })));
+        assert!(matches!(
+            MemoryLayout::for_size(4097),
+            Err(LayoutError::Unaligned(_))
+        ));
+        assert!(matches!(
+            MemoryLayout::for_size(1 << 20),
+            Err(LayoutError::OutOfRange { .. })
+        ));
         let overlapping = MemoryLayout {
             regions: vec![
-                RamRegion { start: 0, size: 64 << 20 },
-                RamRegion { start: 32 << 20, size: 64 << 20 },
+                RamRegion {
+                    start: 0,
+                    size: 64 << 20,
+                },
+                RamRegion {
+                    start: 32 << 20,
+                    size: 64 << 20,
+                },
             ],
         };
-        assert!(matches!(overlapping.validate(), Err(LayoutError::BadRegion(1))));
+        assert!(matches!(
+            overlapping.validate(),
+            Err(LayoutError::BadRegion(1))
+        ));
         let overflowing = MemoryLayout {
-            regions: vec![RamRegion { start: u64::MAX - 4095, size: 64 << 20 }],
+            regions: vec![RamRegion {
+                start: u64::MAX - 4095,
+                size: 64 << 20,
+            }],
         };
         assert!(overflowing.validate().is_err());
     }
@@ -267,8 +295,14 @@ mod tests {
     fn bitmap_iterates_marked_pages_in_order() {
         let l = MemoryLayout {
             regions: vec![
-                RamRegion { start: 0, size: 100 * PAGE_SIZE },
-                RamRegion { start: 1 << 32, size: 64 * PAGE_SIZE },
+                RamRegion {
+                    start: 0,
+                    size: 100 * PAGE_SIZE,
+                },
+                RamRegion {
+                    start: 1 << 32,
+                    size: 64 * PAGE_SIZE,
+                },
             ],
         };
         let all = DirtyBitmap::all(&l);
@@ -277,9 +311,21 @@ mod tests {
         assert_eq!(pages.len(), 164);
         assert_eq!(pages[99], 99 * PAGE_SIZE);
         assert_eq!(pages[100], 1 << 32);
-        let mut some = DirtyBitmap { regions: vec![vec![0, 0b101], vec![1 << 63]] };
-        some.merge(&DirtyBitmap { regions: vec![vec![1, 0], vec![0]] });
+        let mut some = DirtyBitmap {
+            regions: vec![vec![0, 0b101], vec![1 << 63]],
+        };
+        some.merge(&DirtyBitmap {
+            regions: vec![vec![1, 0], vec![0]],
+        });
         let pages: Vec<u64> = some.pages(&l).collect();
-        assert_eq!(pages, vec![0, 64 * PAGE_SIZE, 66 * PAGE_SIZE, (1 << 32) + 63 * PAGE_SIZE]);
+        assert_eq!(
+            pages,
+            vec![
+                0,
+                64 * PAGE_SIZE,
+                66 * PAGE_SIZE,
+                (1 << 32) + 63 * PAGE_SIZE
+            ]
+        );
     }
 }

@@ -137,7 +137,12 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 
 impl Vm {
     /// Creates a VM that boots `image` (a PVH ELF) with `cmdline`; it starts paused.
-    pub fn boot(config: &VmConfig, image: &[u8], cmdline: &str, serial: SerialSink) -> Result<Self, VmmError> {
+    pub fn boot(
+        config: &VmConfig,
+        image: &[u8],
+        cmdline: &str,
+        serial: SerialSink,
+    ) -> Result<Self, VmmError> {
         let vm = Self::create(config, None, serial)?;
         let entry = pvh::load(&vm.memory, &vm.layout, image, cmdline)?;
         vm.with_boot_vcpu(entry)?;
@@ -147,11 +152,19 @@ impl Vm {
     /// Creates an empty VM to receive a migration: same layout and vCPUs as the source, its
     /// CPUID (already checked against this host), and memory that stays zero until pages
     /// arrive. It starts paused and runs only after [`Vm::restore`].
-    pub fn incoming(config: &VmConfig, cpuid: &[kvm_cpuid_entry2], serial: SerialSink) -> Result<Self, VmmError> {
+    pub fn incoming(
+        config: &VmConfig,
+        cpuid: &[kvm_cpuid_entry2],
+        serial: SerialSink,
+    ) -> Result<Self, VmmError> {
         Self::create(config, Some(cpuid), serial)
     }
 
-    fn create(config: &VmConfig, cpuid: Option<&[kvm_cpuid_entry2]>, serial: SerialSink) -> Result<Self, VmmError> {
+    fn create(
+        config: &VmConfig,
+        cpuid: Option<&[kvm_cpuid_entry2]>,
+        serial: SerialSink,
+    ) -> Result<Self, VmmError> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(VmmError::VcpuCount(config.vcpus));
         }
@@ -159,8 +172,10 @@ impl Vm {
         vcpu::install_kick_handler()?;
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDR).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.set_tss_address(KVM_TSS_ADDR)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         // A dummy speaker keeps port 0x61 in the kernel instead of costing an exit each read.
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
@@ -169,9 +184,13 @@ impl Vm {
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let layout = config.layout.clone();
-        let memory = layout.allocate().map_err(|e| VmmError::Mmap(e.to_string()))?;
+        let memory = layout
+            .allocate()
+            .map_err(|e| VmmError::Mmap(e.to_string()))?;
         let fd = Arc::new(fd);
-        let vm_msrs = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let vm_msrs = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
         let msrs: Arc<[u32]> = state::MSRS_TO_SAVE
             .iter()
             .copied()
@@ -197,11 +216,15 @@ impl Vm {
         let (events_tx, events_rx) = unbounded();
         vm.events = events_rx;
         for id in 0..config.vcpus {
-            let vcpu = vm.fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let vcpu = vm
+                .fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let host_khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
             match config.tsc_khz {
                 Some(khz) if khz != host_khz => {
-                    vcpu.set_tsc_khz(khz).map_err(|e| VmmError::TscFrequency(khz, e))?;
+                    vcpu.set_tsc_khz(khz)
+                        .map_err(|e| VmmError::TscFrequency(khz, e))?;
                     vm.tsc_khz = khz;
                 }
                 _ => vm.tsc_khz = host_khz,
@@ -240,7 +263,8 @@ impl Vm {
         for e in &mut entries {
             match e.function {
                 1 => {
-                    e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(count) << 16) | (u32::from(id) << 24);
+                    e.ebx =
+                        (e.ebx & 0x0000_ffff) | (u32::from(count) << 16) | (u32::from(id) << 24);
                     e.ecx |= 1 << 31;
                 }
                 0xb => e.edx = u32::from(id),
@@ -273,14 +297,19 @@ impl Vm {
                 .map_err(|e| VmmError::Mmap(e.to_string()))?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                flags: if log_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
             // SAFETY: the host range is a live mapping of exactly `memory_size` bytes owned by
             // `self.memory`, which outlives the VM fd's use of it (both dropped with `self`).
-            unsafe { self.fd.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { self.fd.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
     }
@@ -423,7 +452,9 @@ pub fn host_available_memory() -> Option<u64> {
 }
 
 /// The bitmap of pages the VMM itself wrote in one region.
-fn vmm_written(region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> &vm_memory::bitmap::AtomicBitmap {
+fn vmm_written(
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+) -> &vm_memory::bitmap::AtomicBitmap {
     let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
     mapping.bitmap()
 }
@@ -444,4 +475,3 @@ fn setup_lapic(vcpu: &VcpuFd) -> Result<(), VmmError> {
     }
     vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
 }
-

@@ -33,7 +33,9 @@ const E820_RESERVED: u32 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum PvhError {
     /// The file is not a 64-bit little-endian x86-64 ELF executable.
-    #[error("the image is not a 64-bit x86-64 ELF executable ({0}); build it as ELF64 for PVH boot")]
+    #[error(
+        "the image is not a 64-bit x86-64 ELF executable ({0}); build it as ELF64 for PVH boot"
+    )]
     NotElf(&'static str),
     /// A header or segment points outside the file.
     #[error("the image is truncated or malformed: {0}")]
@@ -82,7 +84,11 @@ pub fn load(
     Ok(elf.entry)
 }
 
-fn write_start_info(mem: &GuestMemory, layout: &MemoryLayout, cmdline: &str) -> Result<(), PvhError> {
+fn write_start_info(
+    mem: &GuestMemory,
+    layout: &MemoryLayout,
+    cmdline: &str,
+) -> Result<(), PvhError> {
     if cmdline.len() > CMDLINE_MAX {
         return Err(PvhError::CmdlineTooLong(cmdline.len()));
     }
@@ -266,10 +272,16 @@ mod tests {
 
     #[test]
     fn garbage_and_truncated_images_are_refused() {
-        assert!(matches!(Elf::parse(b"not an elf"), Err(PvhError::NotElf(_))));
+        assert!(matches!(
+            Elf::parse(b"not an elf"),
+            Err(PvhError::NotElf(_))
+        ));
         let img = godwit_guests::TESTGUEST_ELF;
         for cut in [16, 63, 64, 100, 200] {
-            assert!(Elf::parse(&img[..cut.min(img.len() - 1)]).is_err(), "cut at {cut}");
+            assert!(
+                Elf::parse(&img[..cut.min(img.len() - 1)]).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 }

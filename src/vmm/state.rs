@@ -7,8 +7,8 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -162,7 +162,9 @@ pub fn save_vcpu(fd: &VcpuFd, id: u8, msr_list: &[u32]) -> Result<VcpuState, Vmm
     if n != entries.len() {
         return Err(VmmError::MsrAccess(entries[n].index));
     }
-    let events = fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+    let events = fd
+        .get_vcpu_events()
+        .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
         id,
         mp_state,
@@ -179,21 +181,24 @@ pub fn save_vcpu(fd: &VcpuFd, id: u8, msr_list: &[u32]) -> Result<VcpuState, Vmm
 
 /// Loads a vCPU's state; the vCPU has not run on this host yet.
 pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), VmmError> {
-    fd.set_mp_state(s.mp_state).map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    fd.set_mp_state(s.mp_state)
+        .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     fd.set_regs(&s.regs).map_err(kvm_err("KVM_SET_REGS"))?;
     fd.set_sregs(&s.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     // SAFETY: `s.xsave` is a legacy 4 KiB XSAVE area read by KVM_GET_XSAVE on the source,
     // whose CPUID the handshake proved this host supports; KVM_SET_XSAVE reads only that size.
     unsafe { fd.set_xsave(&s.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
     fd.set_xcrs(&s.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
-    fd.set_debug_regs(&s.debug_regs).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    fd.set_debug_regs(&s.debug_regs)
+        .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&s.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
     let msrs = Msrs::from_entries(&s.msrs).map_err(|_| VmmError::MsrList)?;
     let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
     if n != s.msrs.len() {
         return Err(VmmError::MsrAccess(s.msrs[n].index));
     }
-    fd.set_vcpu_events(&s.events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+    fd.set_vcpu_events(&s.events)
+        .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
 
@@ -202,7 +207,8 @@ fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, VmmError> {
         chip_id,
         ..Default::default()
     };
-    vm.get_irqchip(&mut chip).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+    vm.get_irqchip(&mut chip)
+        .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
     Ok(chip)
 }
 
@@ -246,7 +252,9 @@ pub fn missing_cpu_features(guest: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2
     };
     let mut missing = Vec::new();
     for &(leaf, sub) in FEATURE_LEAVES {
-        let Some(g) = find(guest, leaf, sub) else { continue };
+        let Some(g) = find(guest, leaf, sub) else {
+            continue;
+        };
         let h = find(host, leaf, sub).unwrap_or([0; 3]);
         for (ri, reg) in ["ebx", "ecx", "edx"].iter().enumerate() {
             let mut lacking = g[ri] & !h[ri];
@@ -285,7 +293,10 @@ mod tests {
     fn a_destination_missing_a_feature_is_named() {
         let guest = [leaf(1, 0, 0b1010 | 1 << 31), leaf(7, 0, 0)];
         let host = [leaf(1, 0, 0b0010)];
-        assert_eq!(missing_cpu_features(&guest, &host), vec!["cpuid 0x1.0 ecx bit 3"]);
+        assert_eq!(
+            missing_cpu_features(&guest, &host),
+            vec!["cpuid 0x1.0 ecx bit 3"]
+        );
         assert!(missing_cpu_features(&host, &guest).is_empty());
     }
 }

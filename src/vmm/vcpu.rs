@@ -68,7 +68,9 @@ fn kick_signal() -> libc::c_int {
 pub fn install_kick_handler() -> Result<(), VmmError> {
     static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     INSTALLED
-        .get_or_init(|| register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.to_string()))
+        .get_or_init(|| {
+            register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.to_string())
+        })
         .clone()
         .map_err(VmmError::Signal)
 }
@@ -183,7 +185,9 @@ impl VcpuThread {
         let mut running = false;
         loop {
             if !running {
-                let Ok((req, reply)) = requests.recv() else { break };
+                let Ok((req, reply)) = requests.recv() else {
+                    break;
+                };
                 match self.serve(req, &mut running) {
                     Some(r) => {
                         let _ = reply.send(r);
@@ -222,9 +226,10 @@ impl VcpuThread {
                 }
                 Err(e) => {
                     running = false;
-                    let _ = self
-                        .events
-                        .send(VmEvent::Crashed(format!("vCPU {} KVM_RUN failed: {e}", self.id)));
+                    let _ = self.events.send(VmEvent::Crashed(format!(
+                        "vCPU {} KVM_RUN failed: {e}",
+                        self.id
+                    )));
                 }
             }
         }
@@ -242,7 +247,9 @@ impl VcpuThread {
                 *running = false;
                 Ok(Reply::Done)
             }
-            Request::Save => state::save_vcpu(&self.fd, self.id, &self.msrs).map(|s| Reply::Saved(Box::new(s))),
+            Request::Save => {
+                state::save_vcpu(&self.fd, self.id, &self.msrs).map(|s| Reply::Saved(Box::new(s)))
+            }
             Request::Restore(s) => state::restore_vcpu(&self.fd, &s).map(|()| Reply::Done),
             Request::Exit => return None,
         })
@@ -278,6 +285,8 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, io: &IoBus) -> Option<VmEvent> {
         VcpuExit::Shutdown => Some(VmEvent::Crashed(format!(
             "vCPU {id}: the guest triple-faulted (KVM_EXIT_SHUTDOWN)"
         ))),
-        other => Some(VmEvent::Crashed(format!("vCPU {id}: unexpected exit {other:?}"))),
+        other => Some(VmEvent::Crashed(format!(
+            "vCPU {id}: unexpected exit {other:?}"
+        ))),
     }
 }

@@ -19,7 +19,8 @@ pub static SERIAL: Mutex<()> = Mutex::new(());
 pub fn can_run() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let ok = root && Path::new("/dev/kvm").exists() && Command::new("ip").arg("-V").output().is_ok();
+    let ok =
+        root && Path::new("/dev/kvm").exists() && Command::new("ip").arg("-V").output().is_ok();
     if !ok {
         eprintln!("SKIPPED: the end-to-end tests need root, /dev/kvm and iproute2");
     }
@@ -70,7 +71,9 @@ impl Lab {
     /// A command that runs `godwit args` on host `h`.
     pub fn godwit(&self, h: char, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &format!("{}-{h}", self.name)]).arg(godwit()).args(args);
+        c.args(["netns", "exec", &format!("{}-{h}", self.name)])
+            .arg(godwit())
+            .args(args);
         c
     }
 
@@ -116,7 +119,9 @@ impl VmProcess {
 
     /// Waits for the API socket to appear.
     pub fn wait_api(&mut self) {
-        wait_for(Duration::from_secs(10), "the API socket", || Path::new(&self.api).exists());
+        wait_for(Duration::from_secs(10), "the API socket", || {
+            Path::new(&self.api).exists()
+        });
     }
 
     /// Waits up to `timeout` for the process to end.
@@ -147,7 +152,10 @@ impl Drop for VmProcess {
 pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -197,7 +205,11 @@ pub fn last_pass(logs: &[String]) -> u64 {
                 .filter_map(|l| {
                     let (_, rest) = l.split_once("] hb ")?;
                     let t: f64 = l[1..l.find(']')?].parse().ok()?;
-                    let pass = rest.split_whitespace().find_map(|w| w.strip_prefix("pass="))?.parse::<u64>().ok()?;
+                    let pass = rest
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("pass="))?
+                        .parse::<u64>()
+                        .ok()?;
                     Some((t, pass))
                 })
                 .collect::<Vec<_>>()

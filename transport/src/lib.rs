@@ -29,9 +29,9 @@
 #![warn(missing_docs)]
 
 mod error;
-pub mod probe;
 mod frame;
 mod preamble;
+pub mod probe;
 mod tcp;
 #[cfg(test)]
 mod tests;

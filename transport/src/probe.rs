@@ -54,13 +54,19 @@ pub fn send(conn: Connection, duration: Duration) -> Result<ProbeResult, Transpo
             .collect();
         std::thread::sleep(duration);
         stop.store(true, Ordering::Relaxed);
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().unwrap_or(Err(TransportError::PeerClosed { peer: "probe".into(), what: "the link probe" })))
+        workers.into_iter().try_for_each(|w| {
+            w.join().unwrap_or(Err(TransportError::PeerClosed {
+                peer: "probe".into(),
+                what: "the link probe",
+            }))
+        })
     })?;
     let mut buf = Vec::new();
     if !ctl_source.recv(&mut buf)? || buf.len() != 8 {
-        return Err(TransportError::PeerClosed { peer: "probe".into(), what: "the link probe" });
+        return Err(TransportError::PeerClosed {
+            peer: "probe".into(),
+            what: "the link probe",
+        });
     }
     let mut b = [0u8; 8];
     b.copy_from_slice(&buf);
