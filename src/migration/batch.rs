@@ -131,6 +131,15 @@ pub enum EncodeError {
     },
 }
 
+/// Why [`BatchEncoder::encode_with`] failed.
+#[derive(Debug)]
+pub enum EncodeWithError<E> {
+    /// The batch itself is invalid (a sender bug).
+    Encode(EncodeError),
+    /// Reading a page failed.
+    Read(E),
+}
+
 /// What one encoded batch contains, for statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BatchStats {
@@ -200,21 +209,54 @@ impl BatchEncoder {
                 max: MAX_BATCH_PAGES,
             });
         }
-        let mut sorted = [0u64; MAX_BATCH_PAGES];
-        for (slot, &(addr, page)) in sorted.iter_mut().zip(pages) {
-            if page.len() != PAGE_SIZE {
-                return Err(EncodeError::BadPageLength {
-                    addr,
-                    len: page.len(),
-                });
+        if let Some(&(addr, page)) = pages.iter().find(|(_, p)| p.len() != PAGE_SIZE) {
+            return Err(EncodeError::BadPageLength {
+                addr,
+                len: page.len(),
+            });
+        }
+        let mut addrs = [0u64; MAX_BATCH_PAGES];
+        for (slot, &(addr, _)) in addrs.iter_mut().zip(pages) {
+            *slot = addr;
+        }
+        let mut next = pages.iter().map(|&(_, page)| page);
+        self.encode_with(round, &addrs[..pages.len()], compress, |_, out| {
+            if let Some(page) = next.next() {
+                out.copy_from_slice(page);
             }
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map_err(|e| match e {
+            EncodeWithError::Encode(e) => e,
+            EncodeWithError::Read(never) => match never {},
+        })
+    }
+
+    /// Encodes one batch of the pages at `addrs` sent in `round`, asking
+    /// `read_page(addr, slot)` to fill each page's 4096 bytes straight into
+    /// the encoder's buffer: the only copy of a raw page before the socket.
+    pub fn encode_with<E>(
+        &mut self,
+        round: u32,
+        addrs: &[u64],
+        compress: Compression,
+        mut read_page: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+    ) -> Result<EncodedBatch<'_>, EncodeWithError<E>> {
+        if addrs.is_empty() || addrs.len() > MAX_BATCH_PAGES {
+            return Err(EncodeWithError::Encode(EncodeError::BadPageCount {
+                got: addrs.len(),
+                max: MAX_BATCH_PAGES,
+            }));
+        }
+        let mut sorted = [0u64; MAX_BATCH_PAGES];
+        for (slot, &addr) in sorted.iter_mut().zip(addrs) {
             if addr % PAGE_SIZE_U64 != 0 {
-                return Err(EncodeError::Unaligned { addr });
+                return Err(EncodeWithError::Encode(EncodeError::Unaligned { addr }));
             }
             *slot = addr;
         }
-        if let Some(addr) = first_duplicate(&mut sorted[..pages.len()]) {
-            return Err(EncodeError::Duplicate { addr });
+        if let Some(addr) = first_duplicate(&mut sorted[..addrs.len()]) {
+            return Err(EncodeWithError::Encode(EncodeError::Duplicate { addr }));
         }
 
         self.header.clear();
@@ -222,13 +264,16 @@ impl BatchEncoder {
         self.raw.clear();
         self.data_addrs.clear();
         let mut n_zero = 0usize;
-        for &(addr, page) in pages {
-            if is_zero_page(page) {
+        for &addr in addrs {
+            let at = self.raw.len();
+            self.raw.resize(at + PAGE_SIZE, 0);
+            read_page(addr, &mut self.raw[at..]).map_err(EncodeWithError::Read)?;
+            if is_zero_page(&self.raw[at..]) {
+                self.raw.truncate(at);
                 self.header.extend_from_slice(&addr.to_le_bytes());
                 n_zero += 1;
             } else {
                 self.data_addrs.push(addr);
-                self.raw.extend_from_slice(page);
             }
         }
         for addr in &self.data_addrs {

@@ -22,7 +22,8 @@ use godwit_transport::{FrameSink, FrameSource};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::batch::{
-    self, BatchEncoder, Compression, Decoded, MemoryLimits, MAX_BATCH_PAGES, PAGE_SIZE,
+    self, BatchEncoder, Compression, Decoded, EncodeWithError, MemoryLimits, MAX_BATCH_PAGES,
+    PAGE_SIZE,
 };
 use super::MigrationError;
 use crate::vmm::memory::GuestMemory;
@@ -278,16 +279,8 @@ fn worker(
     limiter: Option<Arc<RateLimiter>>,
 ) {
     let mut encoder = BatchEncoder::new();
-    let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
     for job in jobs {
-        let r = send_batch(
-            &memory,
-            &job,
-            &mut encoder,
-            &mut buf,
-            &streams,
-            limiter.as_deref(),
-        );
+        let r = send_batch(&memory, &job, &mut encoder, &streams, limiter.as_deref());
         if results.send(r).is_err() {
             break;
         }
@@ -298,28 +291,20 @@ fn send_batch(
     memory: &GuestMemory,
     job: &Job,
     encoder: &mut BatchEncoder,
-    buf: &mut [u8],
     streams: &[Mutex<Stream>],
     limiter: Option<&RateLimiter>,
 ) -> Result<BatchStats, MigrationError> {
-    for (i, &gpa) in job.pages.iter().enumerate() {
-        memory
-            .read_slice(
-                &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
-                GuestAddress(gpa),
-            )
-            .map_err(|e| MigrationError::Memory(e.to_string()))?;
-    }
-    let pages: Vec<(u64, &[u8])> = job
-        .pages
-        .iter()
-        .enumerate()
-        .map(|(i, &gpa)| (gpa, &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
-        .collect();
     let started = Instant::now();
     let encoded = encoder
-        .encode(job.round, &pages, job.compression)
-        .map_err(|e| MigrationError::Memory(format!("cannot encode a batch: {e}")))?;
+        .encode_with(job.round, &job.pages, job.compression, |gpa, slot| {
+            memory.read_slice(slot, GuestAddress(gpa))
+        })
+        .map_err(|e| match e {
+            EncodeWithError::Read(e) => MigrationError::Memory(e.to_string()),
+            EncodeWithError::Encode(e) => {
+                MigrationError::Memory(format!("cannot encode a batch: {e}"))
+            }
+        })?;
     let took = started.elapsed();
     let (header, payload) = (encoded.header, encoded.payload);
     let wire = (header.len() + payload.len()) as u64;
