@@ -58,6 +58,20 @@ impl SourcePhase {
         }
     }
 
+    /// The phase's name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Handshake => "handshake",
+            Self::PreCopy(_) => "pre_copy",
+            Self::StopAndCopy => "stop_and_copy",
+            Self::AwaitRestored => "await_restored",
+            Self::Committed => "committed",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
     /// Whether a failure in this phase must resume the VM on the source.
     pub fn resumes_on_failure(self) -> bool {
         !matches!(self, Self::Committed | Self::Completed)

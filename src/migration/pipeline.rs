@@ -117,7 +117,6 @@ pub struct SendPipeline {
     results: Receiver<Result<BatchStats, MigrationError>>,
     streams: Arc<Vec<Mutex<Stream>>>,
     workers: Vec<JoinHandle<()>>,
-    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl std::fmt::Debug for SendPipeline {
@@ -161,13 +160,7 @@ impl SendPipeline {
             results: results_rx,
             streams,
             workers,
-            limiter,
         }
-    }
-
-    /// Number of data streams.
-    pub fn streams(&self) -> usize {
-        self.streams.len()
     }
 
     /// Sends every page in `pages` (guest physical addresses) as round `round`, then closes
@@ -254,11 +247,6 @@ impl SendPipeline {
             total.wire_bytes += frame.len() as u64;
         }
         Ok(total)
-    }
-
-    /// Whether a bandwidth limit is set.
-    pub fn is_rate_limited(&self) -> bool {
-        self.limiter.is_some()
     }
 }
 

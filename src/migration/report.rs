@@ -33,6 +33,18 @@ pub struct RoundReport {
     pub dirtied_pages: u64,
 }
 
+/// One phase of the source and its duration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PhaseTime {
+    /// The phase (`handshake`, `pre_copy`, `stop_and_copy`, ...).
+    pub phase: String,
+    /// The pre-copy round, for `pre_copy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
+    /// How long it took.
+    pub ms: f64,
+}
+
 /// Where the pause went, step by step (all measured on the source).
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct PauseSteps {
@@ -100,4 +112,6 @@ pub struct Report {
     pub threads: usize,
     /// Each round.
     pub round_details: Vec<RoundReport>,
+    /// Each phase the source went through and how long it took.
+    pub phases: Vec<PhaseTime>,
 }

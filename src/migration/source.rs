@@ -13,7 +13,7 @@ use super::phase::{PhaseLog, SourcePhase};
 use super::pipeline::{RateLimiter, SendPipeline};
 use super::policy::{CompressMode, Decision, Estimates, Limits};
 use super::protocol::{self, Hello, Message};
-use super::report::{Outcome, PauseSteps, Progress, Report, RoundReport};
+use super::report::{Outcome, PauseSteps, PhaseTime, Progress, Report, RoundReport};
 use super::MigrationError;
 use crate::vmm::memory::{DirtyBitmap, PAGE_SIZE};
 use crate::vmm::Vm;
@@ -149,10 +149,11 @@ pub fn migrate(
                 SourcePhase::Failed
             };
             run.phase.go(next, SourcePhase::can_go_to);
+            // Resume first: the guest must run again even if turning the log off fails.
             let resumed = run
                 .vm
-                .set_dirty_logging(false)
-                .and_then(|()| run.vm.resume());
+                .resume()
+                .and_then(|()| run.vm.set_dirty_logging(false));
             let error = match resumed {
                 Ok(()) => format!("{e}; the VM keeps running on the source"),
                 Err(r) => format!("{e}; resuming the VM on the source also failed: {r}"),
@@ -200,6 +201,19 @@ pub fn migrate(
         streams: opts.streams.get(),
         threads: opts.threads.get(),
         round_details: run.rounds,
+        phases: run
+            .phase
+            .history()
+            .iter()
+            .map(|(p, d)| PhaseTime {
+                phase: p.name().into(),
+                round: match p {
+                    SourcePhase::PreCopy(r) => Some(*r),
+                    _ => None,
+                },
+                ms: d.as_secs_f64() * 1e3,
+            })
+            .collect(),
     }
 }
 

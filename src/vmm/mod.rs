@@ -404,11 +404,6 @@ impl Vm {
         &self.cpuid
     }
 
-    /// What this host's KVM supports (to judge an incoming guest).
-    pub fn host_cpuid(&self) -> &[kvm_cpuid_entry2] {
-        &self.host_cpuid
-    }
-
     /// The guest's TSC frequency.
     pub fn tsc_khz(&self) -> u32 {
         self.tsc_khz

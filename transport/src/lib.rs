@@ -174,20 +174,6 @@ pub struct Connection {
     pub data: Vec<Channel>,
 }
 
-impl Connection {
-    /// Shuts every channel down (best effort: all are tried, the first error
-    /// is returned). Used to abort a migration.
-    pub fn shutdown_all(&self) -> Result<(), TransportError> {
-        let mut first = None;
-        for ch in std::iter::once(&self.control).chain(&self.data) {
-            if let Err(e) = ch.shutdown() {
-                first.get_or_insert(e);
-            }
-        }
-        first.map_or(Ok(()), Err)
-    }
-}
-
 /// Options for [`Transport::connect`].
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
