@@ -144,12 +144,12 @@ if ((${#extra[@]})); then
 fi
 
 # ------------------------------------------------------------------ boot
-APPEND="console=ttyS0 loglevel=4 panic=-1 rdinit=/init mitigations=off 8250.nr_uarts=2"
+APPEND="console=ttyS0 loglevel=4 panic=-1 rdinit=/init mitigations=off 8250.nr_uarts=2 ${RDMALAB_APPEND:-}"
 : >"$RUN/status.log"
 now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
 T0=$(now_ms)
 qemu-system-x86_64 -nodefaults -no-user-config -display none -monitor none -no-reboot \
-    -machine pc,accel=tcg -cpu qemu64,+svm,+npt -smp "$SMP" -m "$MEM" \
+    -machine pc,accel=tcg -cpu "${RDMALAB_CPU:-qemu64,+svm,+npt}" -smp "$SMP" -m "$MEM" \
     -kernel "$VMLINUX" -initrd "$INITRD" -append "$APPEND" \
     -serial "file:$RUN/console.log" -serial "file:$RUN/status.log" \
     -fsdev "local,id=share,path=$ROOT,security_model=none" \
