@@ -205,7 +205,7 @@ while read -r a; do
 done < <("$STAGE/usr/bin/busybox" --list-full)
 
 # Kernel modules, in dependency order (from each .ko's depends=), decompressed.
-declare -A KO=() DONE=()
+declare -A KO=() SEEN=()
 while read -r f; do
     n=$(basename "$f")
     n=${n%%.ko*}
@@ -223,8 +223,8 @@ kobytes() {
 }
 visit() { # visit NAME [PARAMS]
     local n=${1//-/_} params=${2:-} f deps d
-    [[ -n ${DONE[$n]:-} ]] && return
-    DONE[$n]=1
+    [[ -n ${SEEN[$n]:-} ]] && return
+    SEEN[$n]=1
     f=${KO[$n]:-}
     if [[ -z $f ]]; then
         builtin "$n" && return

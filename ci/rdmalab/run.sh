@@ -16,6 +16,8 @@
 # with rxe0 (veth0, 10.99.0.1) and rxe1 (veth1, 10.99.0.2) up and /dev/kvm present. Its output
 # is streamed to stdout; the exit status is CMD's (124 when it timed out inside the VM), 125
 # when the VM could not boot or died without reporting one. Timings go to stderr.
+# Environment: RDMALAB_CACHE (build output, default ci/out/rdmalab), RDMALAB_CPU (QEMU -cpu),
+# RDMALAB_APPEND (extra kernel arguments, e.g. loglevel=7).
 # Builds the lab first (ci/rdmalab/build.sh) when it is not built yet.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -69,14 +71,14 @@ VMLINUX=$CACHE/vmlinux-$KVER
 mkdir -p "$RUNS"
 RUN=$(mktemp -d "$RUNS/run.XXXXXX")
 QPID='' TPID='' RC=125
+# shellcheck disable=SC2317 # (called by the EXIT trap)
 cleanup() {
-    local i
     if [[ -n $QPID ]] && kill -0 "$QPID" 2>/dev/null; then
         kill "$QPID" 2>/dev/null || true
-        for i in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$QPID" 2>/dev/null || break; sleep 0.3; done
+        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$QPID" 2>/dev/null || break; sleep 0.3; done
         kill -9 "$QPID" 2>/dev/null || true
     fi
-    [[ -n $TPID ]] && kill "$TPID" 2>/dev/null
+    [[ -z $TPID ]] || kill "$TPID" 2>/dev/null || true
     if ((KEEP)) || ((RC == 125)); then
         say "run folder kept: $RUN"
     else
@@ -125,7 +127,7 @@ fi
 for c in "${cands[@]}"; do
     [[ $c == /* ]] || c=$ROOT/$c
     is_elf "$c" || { [[ " ${BINS[*]} " == *" $c "* ]] && die "--bin $c: not an ELF file"; continue; }
-    [[ $c == "$ROOT"/* ]] || in_image "$c" || extra+=("$c")
+    [[ $c == "$ROOT"/* ]] || extra+=("$c") # over a busybox applet of that name, too
     while read -r l; do in_image "$l" || extra+=("$l"); done < <(
         { ldd "$c" 2>/dev/null || true; } | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
 done
@@ -144,12 +146,16 @@ if ((${#extra[@]})); then
 fi
 
 # ------------------------------------------------------------------ boot
+# qemu64 (2-3x faster than max under TCG) with AMD SVM + nested paging for /dev/kvm inside.
+# +xsave,+xsaveopt: without XSAVE the nested KVM rejects KVM_SET_XCRS (EINVAL), which Godwit's
+# VMM calls; +xsave alone hung the kernel's early boot here, with +xsaveopt it boots.
+CPU=${RDMALAB_CPU:-qemu64,+svm,+npt,+xsave,+xsaveopt}
 APPEND="console=ttyS0 loglevel=4 panic=-1 rdinit=/init mitigations=off 8250.nr_uarts=2 ${RDMALAB_APPEND:-}"
 : >"$RUN/status.log"
 now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
 T0=$(now_ms)
 qemu-system-x86_64 -nodefaults -no-user-config -display none -monitor none -no-reboot \
-    -machine pc,accel=tcg -cpu "${RDMALAB_CPU:-qemu64,+svm,+npt}" -smp "$SMP" -m "$MEM" \
+    -machine pc,accel=tcg -cpu "$CPU" -smp "$SMP" -m "$MEM" \
     -kernel "$VMLINUX" -initrd "$INITRD" -append "$APPEND" \
     -serial "file:$RUN/console.log" -serial "file:$RUN/status.log" \
     -fsdev "local,id=share,path=$ROOT,security_model=none" \

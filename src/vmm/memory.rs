@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// The guest page size that dirty tracking and the wire format work in.
 pub const PAGE_SIZE: u64 = 4096;
@@ -146,14 +146,27 @@ impl MemoryLayout {
         self.total_bytes() / PAGE_SIZE
     }
 
-    /// Maps anonymous host memory for every region.
+    /// Maps anonymous host memory for every region, asking for transparent huge pages as QEMU
+    /// does: a fresh 4 KiB page costs a fault and a clear (3-4 µs on these nested hosts, 1 s per
+    /// GiB), which bounds how fast a migration receiver can fill guest RAM; a 2 MiB page costs
+    /// one fault for 512 of them.
     pub fn allocate(&self) -> Result<GuestMemory, vm_memory::mmap::FromRangesError> {
         let ranges: Vec<(GuestAddress, usize)> = self
             .regions
             .iter()
             .map(|r| (GuestAddress(r.start), r.size as usize))
             .collect();
-        GuestMemoryMmap::from_ranges(&ranges)
+        let mem = GuestMemoryMmap::from_ranges(&ranges)?;
+        for region in mem.iter() {
+            let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+            // SAFETY: the range is exactly one live mapping owned by `mem`; MADV_HUGEPAGE only
+            // changes how the kernel backs it, never its contents. Where transparent huge pages
+            // are disabled the call fails harmlessly and 4 KiB pages are used.
+            unsafe {
+                libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_HUGEPAGE);
+            }
+        }
+        Ok(mem)
     }
 }
 
