@@ -101,7 +101,10 @@ fn the_memory_checker_moves_ten_times_and_stays_intact() {
         // confirmation; the budget is 50 ms, and anything near a second means the switchover
         // logic is broken, whatever the load on the host.
         let downtime = r["downtime_ms"].as_f64().unwrap();
-        assert!(downtime > 0.0 && downtime < 1000.0, "move {n}: downtime {downtime} ms: {r}");
+        assert!(
+            downtime > 0.0 && downtime < 1000.0,
+            "move {n}: downtime {downtime} ms: {r}"
+        );
 
         // Exactly one host runs the VM: the source released it and exited cleanly, the
         // destination serves it.
@@ -124,7 +127,11 @@ fn the_memory_checker_moves_ten_times_and_stays_intact() {
     }
     let s = guest(&logs);
     // The guest's own clock agrees: it never stood still for long.
-    assert!(s.max_stall_us < 1_000_000, "the guest stalled for {} us", s.max_stall_us);
+    assert!(
+        s.max_stall_us < 1_000_000,
+        "the guest stalled for {} us",
+        s.max_stall_us
+    );
     eprintln!(
         "10 moves: {} heartbeats, longest gap {:.1} ms (period {:.1} ms), largest stall the guest saw {:.1} ms",
         s.heartbeats,

@@ -103,7 +103,7 @@ if [[ ! -s $VMLINUX ]]; then
     readelf -n "$VMLINUX.tmp" 2>/dev/null | grep -q Xen ||
         say "warning: no Xen ELF notes in vmlinux, PVH boot may not work"
     mv "$VMLINUX.tmp" "$VMLINUX"
-    say "vmlinux: $(du -h "$VMLINUX" | cut -f1)"
+    say "vmlinux: $(du -h --apparent-size "$VMLINUX" | cut -f1)"
 fi
 
 # ---------------------------------------------------------------- 3. initramfs
@@ -254,7 +254,7 @@ mv "$INITRAMFS.tmp" "$INITRAMFS"
 (cd "$STAGE" && find . -mindepth 1 \( -type f -o -type l \) | sed 's/^\.//' | LC_ALL=C sort) >"$CACHE/initramfs.list"
 echo "$KEY" >"$CACHE/initramfs.key"
 rm -rf "$STAGE"
-say "initramfs: $(du -h "$INITRAMFS" | cut -f1), modules: $(printf '%s ' "${ORDER[@]##*/}")"
+say "initramfs: $(du -h --apparent-size "$INITRAMFS" | cut -f1), modules: $(printf '%s ' "${ORDER[@]##*/}")"
 say "done in $((SECONDS - T0)) s"
 echo "VMLINUX=$VMLINUX"
 echo "INITRAMFS=$INITRAMFS"

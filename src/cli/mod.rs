@@ -172,10 +172,26 @@ pub fn main() -> i32 {
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("godwit: error: {e:#}");
+            eprintln!("godwit: error: {}", chain(&e));
             2
         }
     }
+}
+
+/// The error and its causes, each once: Godwit's messages already quote the underlying error
+/// they wrap, so a cause whose text is already shown is skipped.
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 fn dispatch(cmd: Command) -> Result<i32> {

@@ -62,7 +62,7 @@ pub enum LayoutError {
     #[error("guest memory of {0} bytes is not a whole number of 4 KiB pages; give a size like 256M or 1G")]
     Unaligned(u64),
     /// The size is below the minimum or above the maximum.
-    #[error("guest memory of {got} bytes is outside the supported range {min}..={max} bytes")]
+    #[error("guest memory of {} MiB is outside the supported range of {} MiB to {} GiB", got >> 20, min >> 20, max >> 30)]
     OutOfRange {
         /// The requested size.
         got: u64,

@@ -32,6 +32,8 @@ mod error;
 mod frame;
 mod preamble;
 pub mod probe;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 mod tcp;
 #[cfg(test)]
 mod tests;
