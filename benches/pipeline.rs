@@ -29,19 +29,20 @@ const SET_PAGES: usize = (64 << 20) / PAGE_SIZE;
 /// Guest size of the dirty-bitmap benchmarks.
 const BITMAP_GUEST_BYTES: u64 = 1 << 30;
 
-/// xorshift64*: small, fast and deterministic, so every run sees the same data.
-struct Rng(u64);
+/// A fixed-seed generator, so every run sees the same data and failures reproduce.
+struct Rng(rand::rngs::StdRng);
 
 impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(rand::SeedableRng::seed_from_u64(seed))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        rand::Rng::random(&mut self.0)
     }
 
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        rand::Rng::random_range(&mut self.0, 0..n)
     }
 }
 
@@ -116,7 +117,7 @@ fn random_page(rng: &mut Rng, page: &mut [u8]) {
 
 /// A buffer of `kinds.len()` pages filled according to `kinds`.
 fn build_pages(kinds: &[Kind], seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut line = String::new();
     // Not `vec![0; ..]`: calloc'd memory reads as the shared zero page until
     // written, which would make every read look cache-hot.
@@ -146,7 +147,7 @@ fn mixed_kinds(pages: usize, seed: u64) -> Vec<Kind> {
         Kind::Random,
         Kind::Random,
     ];
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut kinds = Vec::with_capacity(pages);
     while kinds.len() < pages {
         let mut g = GROUP;
@@ -292,7 +293,7 @@ fn lz4(c: &mut Criterion, mixed: &[u8]) {
 
 /// A bitmap over `layout` with each page dirty with probability `per_mille`/1000.
 fn random_bitmap(layout: &MemoryLayout, per_mille: u64, seed: u64) -> DirtyBitmap {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut bm = DirtyBitmap::all(layout);
     for word in bm.regions.iter_mut().flatten() {
         let mut w = 0u64;

@@ -9,6 +9,31 @@ use common::{guest, last_pass, report, run_bounded, wait_for, Lab, VmProcess, SE
 
 const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Boots a test guest on host a; returns its process (API ready) and serial log.
+fn boot(lab: &Lab, guest: &str, memory: &str, cmdline: &str) -> (VmProcess, String) {
+    let serial = lab.path("serial-0.log");
+    let api = lab.path("vm-0.sock");
+    let cmd = lab.godwit(
+        'a',
+        &[
+            "run",
+            "--guest",
+            guest,
+            "--memory",
+            memory,
+            "--cmdline",
+            cmdline,
+            "--api",
+            &api,
+            "--serial",
+            &serial,
+        ],
+    );
+    let mut vm = VmProcess::spawn(cmd, api, 'a', &serial);
+    vm.wait_api();
+    (vm, serial)
+}
+
 /// Starts `godwit receive` on host `h`, listening on port 7000 of its address.
 fn receiver(lab: &Lab, h: char, n: usize) -> (VmProcess, String) {
     let api = lab.path(&format!("vm-{n}.sock"));
@@ -66,26 +91,7 @@ fn the_memory_checker_moves_ten_times_and_stays_intact() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwten", 41);
-    let serial0 = lab.path("serial-0.log");
-    let api0 = lab.path("vm-0.sock");
-    let cmd = lab.godwit(
-        'a',
-        &[
-            "run",
-            "--guest",
-            "memcheck",
-            "--memory",
-            "256M",
-            "--cmdline",
-            "hb_ms=20 wss_mb=64",
-            "--api",
-            &api0,
-            "--serial",
-            &serial0,
-        ],
-    );
-    let mut current = VmProcess::spawn(cmd, api0, 'a', &serial0);
-    current.wait_api();
+    let (mut current, serial0) = boot(&lab, "memcheck", "256M", "hb_ms=20 wss_mb=64");
     let mut logs = vec![serial0];
     wait_checked(&logs, 2);
 
@@ -148,27 +154,8 @@ fn a_guest_dirtying_faster_than_the_link_fails_cleanly_and_keeps_running() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwfast", 42);
-    let serial0 = lab.path("serial-0.log");
-    let api0 = lab.path("vm-0.sock");
     // 400 MiB/s of page writes over 128 MiB against a 40 MiB/s link.
-    let cmd = lab.godwit(
-        'a',
-        &[
-            "run",
-            "--guest",
-            "dirtier",
-            "--memory",
-            "256M",
-            "--cmdline",
-            "hb_ms=20 wss_mb=128 rate_mbps=400",
-            "--api",
-            &api0,
-            "--serial",
-            &serial0,
-        ],
-    );
-    let mut source = VmProcess::spawn(cmd, api0, 'a', &serial0);
-    source.wait_api();
+    let (mut source, serial0) = boot(&lab, "dirtier", "256M", "hb_ms=20 wss_mb=128 rate_mbps=400");
     let (mut dest, serial1) = receiver(&lab, 'b', 1);
     let logs = vec![serial0, serial1];
     wait_checked(&logs, 1);
@@ -205,26 +192,7 @@ fn killing_the_receiver_mid_migration_leaves_the_vm_on_the_source() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwkill", 43);
-    let serial0 = lab.path("serial-0.log");
-    let api0 = lab.path("vm-0.sock");
-    let cmd = lab.godwit(
-        'a',
-        &[
-            "run",
-            "--guest",
-            "dirtier",
-            "--memory",
-            "512M",
-            "--cmdline",
-            "hb_ms=20 wss_mb=256 rate_mbps=50",
-            "--api",
-            &api0,
-            "--serial",
-            &serial0,
-        ],
-    );
-    let mut source = VmProcess::spawn(cmd, api0, 'a', &serial0);
-    source.wait_api();
+    let (mut source, serial0) = boot(&lab, "dirtier", "512M", "hb_ms=20 wss_mb=256 rate_mbps=50");
     let (mut dest, serial1) = receiver(&lab, 'b', 1);
     let logs = vec![serial0, serial1];
     wait_checked(&logs, 1);
