@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian/Ubuntu machine for Godwit's demo and tests, idempotently:
-# installs gcc/ld (they build the test guest), ip (the network lab) and ping (the lab's check)
-# when any is missing, then checks that /dev/kvm is usable and that cargo (with rustfmt and
+# installs the packages below when any is missing, then checks that /dev/kvm is usable and that cargo (with rustfmt and
 # clippy, added through rustup when missing) exists.
 # Quiet when everything is already there. Runs as root (or installs through sudo).
 set -euo pipefail
@@ -12,11 +11,13 @@ die() {
     exit 1
 }
 
-# command -> Debian package
-declare -A PKG=([gcc]=gcc [ld]=binutils [ip]=iproute2 [ping]=iputils-ping)
+# What the build and the tests need: gcc and binutils build the test guest; iproute2 and ping
+# make the network lab; the verbs and rdma_cm headers, libclang (bindgen) and pkg-config build
+# the RDMA transport (rdma-sys); the rxe provider lets it find soft-RoCE devices.
+PKGS=(gcc binutils iproute2 iputils-ping libibverbs-dev librdmacm-dev libclang-dev pkg-config ibverbs-providers)
 missing=()
-for cmd in gcc ld ip ping; do
-    command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKG[$cmd]}")
+for pkg in "${PKGS[@]}"; do
+    [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || missing+=("$pkg")
 done
 
 if ((${#missing[@]})); then
@@ -31,16 +32,12 @@ if ((${#missing[@]})); then
     log=$(mktemp)
     export DEBIAN_FRONTEND=noninteractive
     if ! { "${sudo[@]}" apt-get update -q &&
-        "${sudo[@]}" apt-get install -y -q --no-install-recommends \
-            gcc binutils iproute2 iputils-ping; } >"$log" 2>&1; then
+        "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         die "apt-get failed (output above)"
     fi
     rm -f "$log"
-    for cmd in gcc ld ip ping; do
-        command -v "$cmd" >/dev/null 2>&1 || die "$cmd still missing after installing ${PKG[$cmd]}"
-    done
 fi
 
 if [[ ! -e /dev/kvm ]]; then

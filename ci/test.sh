@@ -8,6 +8,7 @@
 # 3. cargo clippy --workspace --all-targets -- -D warnings
 # 4. cargo test --workspace --release [EXTRA...]      (the end-to-end tests boot VMs in their
 #                                                      own network labs: needs root and /dev/kvm)
+# 5. ci/rdmalab/test.sh                               (the RDMA tests on soft-RoCE, in a QEMU VM)
 # Steps 2-4 all run even when one fails, so one run shows every problem; a summary at the end
 # names the failed steps (and failed tests) and their logs in ci/out/. Exit 0 only when all
 # passed. TEST_TIMEOUT (seconds, default 1800) bounds each step.
@@ -65,14 +66,16 @@ step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 step test cargo test --workspace --release "$@"
+# RDMA on real verbs: the soft-RoCE lab VM (this host's kernel has no RDMA).
+step rdma-lab bash ci/rdmalab/test.sh
 
 printf '\n%s==> summary%s\n' "$BOLD" "$RESET"
 for r in "${RESULTS[@]}"; do
     printf '  %s\n' "$r"
 done
-if [[ -f $OUT/test.log ]] && grep -q -E '^test .* FAILED$' "$OUT/test.log"; then
+if cat "$OUT/test.log" "$OUT/rdma-lab.log" 2>/dev/null | grep -q -E '^test .* FAILED$'; then
     echo "  failed tests:"
-    grep -E '^test .* FAILED$' "$OUT/test.log" | sed 's/^/    /' | head -n 50
+    cat "$OUT/test.log" "$OUT/rdma-lab.log" 2>/dev/null | grep -E '^test .* FAILED$' | sed 's/^/    /' | head -n 50
 fi
 if ((FAILED)); then
     printf '\n%sci/test.sh FAILED%s\n' "$RED$BOLD" "$RESET"

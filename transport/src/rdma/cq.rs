@@ -155,8 +155,10 @@ pub enum WcOpcode {
     Recv,
     /// A receive consumed by an RDMA WRITE with immediate.
     RecvRdmaWithImm,
-    /// Anything else (raw `ibv_wc_opcode`). Error completions may carry
-    /// an undefined opcode.
+    /// A failed request: verbs do not report the opcode of a completion
+    /// with an error status (the raw, meaningless value is kept).
+    NotReported(u32),
+    /// Anything else (raw `ibv_wc_opcode`).
     Other(u32),
 }
 
@@ -182,6 +184,7 @@ impl fmt::Display for WcOpcode {
             WcOpcode::RdmaRead => f.write_str("RDMA READ"),
             WcOpcode::Recv => f.write_str("RECV"),
             WcOpcode::RecvRdmaWithImm => f.write_str("RECV (RDMA WRITE with immediate)"),
+            WcOpcode::NotReported(_) => f.write_str("opcode not reported for failed requests"),
             WcOpcode::Other(v) => write!(f, "opcode {v}"),
         }
     }
@@ -236,7 +239,11 @@ impl WorkCompletion {
         WorkCompletion {
             wr_id: wc.wr_id,
             status: WcStatus(wc.status),
-            opcode: WcOpcode::from_raw(wc.opcode),
+            opcode: if wc.status == sys::ibv_wc_status::IBV_WC_SUCCESS {
+                WcOpcode::from_raw(wc.opcode)
+            } else {
+                WcOpcode::NotReported(wc.opcode)
+            },
             byte_len: wc.byte_len,
             imm,
             qp_num: wc.qp_num,

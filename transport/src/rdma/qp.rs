@@ -34,7 +34,11 @@ pub struct QpConfig {
     pub remote_access: Access,
     /// Local ACK timeout: 4.096 us * 2^timeout (14: about 67 ms).
     pub timeout: u8,
-    /// Transport retries before a send fails with RETRY_EXC_ERR (max 7).
+    /// Transport retries before a send fails with RETRY_EXC_ERR (0-7).
+    /// The default is 6: soft-RoCE (rxe) treats 7 as "retry forever" (the
+    /// spec does so only for `rnr_retry`), so with 7 a dead peer would be
+    /// noticed only by a wait's deadline. With `timeout` 14 a dead peer is
+    /// reported after about (6 + 1) * 67 ms.
     pub retry_cnt: u8,
     /// Receiver-not-ready retries (7: forever, the sender waits for the
     /// receiver to post a buffer).
@@ -54,7 +58,7 @@ impl Default for QpConfig {
             max_recv_sge: 4,
             remote_access: Access::REMOTE_WRITE,
             timeout: 14,
-            retry_cnt: 7,
+            retry_cnt: 6,
             rnr_retry: 7,
             min_rnr_timer: 12,
         }
@@ -533,7 +537,8 @@ impl QueuePair {
     }
 
     /// Posts several send work requests, in order, chained in as few
-    /// `ibv_post_send` calls as possible.
+    /// `ibv_post_send` calls as possible. On an error, the requests before
+    /// the failing one may have been posted: treat the QP as broken.
     pub fn post_send_list(&self, wrs: &[SendRequest<'_>]) -> Result<()> {
         for chunk in wrs.chunks(MAX_CHAIN) {
             self.post_send_chain(chunk)?;
