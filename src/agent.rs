@@ -144,6 +144,7 @@ fn migrate(
             max_rounds: m.max_rounds.max(1),
         },
         max_bandwidth: m.max_bandwidth,
+        transport: m.transport,
         reply_timeout: REPLY_TIMEOUT,
     };
     // A client that goes away does not stop the migration; it just sees no more progress.

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::migration::dataplane::TransportMode;
 use crate::migration::policy::CompressMode;
 use crate::migration::report::{Progress, Report};
 
@@ -50,6 +51,8 @@ pub struct MigrateRequest {
     pub max_rounds: u32,
     /// Cap on bytes per second, if any.
     pub max_bandwidth: Option<u64>,
+    /// Which data plane.
+    pub transport: TransportMode,
 }
 
 /// The VM process's state, as `status` reports it.

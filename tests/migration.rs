@@ -103,6 +103,13 @@ fn the_memory_checker_moves_ten_times_and_stays_intact() {
         let seq_before = guest(&logs).last_seq;
         let r = send(&lab, &current, to, &[]);
         assert_eq!(r["outcome"], "completed", "move {n}: {r}");
+        // This host has no RDMA device: `auto` falls back to TCP and says why.
+        assert_eq!(r["transport"], "tcp", "move {n}: {r}");
+        let why = r["transport_fallback"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("no RDMA device"),
+            "move {n}: fallback reason {why:?}"
+        );
         // The pause is measured on the source from pausing the vCPUs to the destination's
         // confirmation; the budget is 50 ms, and anything near a second means the switchover
         // logic is broken, whatever the load on the host.
@@ -236,4 +243,35 @@ fn killing_the_receiver_mid_migration_leaves_the_vm_on_the_source() {
     let s = guest(&logs);
     assert!(s.healthy(), "{s:?}");
     assert!(s.last_seq > before);
+}
+
+#[test]
+fn requiring_rdma_without_a_device_fails_cleanly_and_keeps_the_vm() {
+    if !common::can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("gwnordma", 44);
+    let (mut source, serial0) = boot(&lab, "memcheck", "128M", "hb_ms=20 wss_mb=32");
+    let (mut dest, serial1) = receiver(&lab, 'b', 1);
+    let logs = vec![serial0, serial1];
+    wait_checked(&logs, 1);
+    wait_listening(&logs[1]);
+
+    let r = send(&lab, &source, 'b', &["--transport", "rdma"]);
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(r["vm_on_source"], true, "{r}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("RDMA was required") && error.contains("--transport auto or tcp"),
+        "{error}"
+    );
+    assert!(source.is_running());
+    let st = dest.wait_exit(Duration::from_secs(10));
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "the destination should have given up: {st:?}"
+    );
+    wait_checked(&logs, 1);
+    assert!(guest(&logs).healthy());
 }

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use godwit::agent::{self, AgentExit};
 use godwit::api::{Client, Event, MigrateRequest, Request};
 use godwit::heartbeat;
+use godwit::migration::dataplane::TransportMode;
 use godwit::migration::destination::{self, ReceiveOptions};
 use godwit::migration::policy::{CompressMode, DEFAULT_MAX_ROUNDS};
 use godwit::migration::report::Outcome;
@@ -97,6 +98,10 @@ enum Command {
         /// Cap on the transfer rate, e.g. 100M (bytes per second).
         #[arg(long, value_parser = units::parse_size)]
         max_bandwidth: Option<u64>,
+        /// Data plane: auto uses RDMA when both hosts have a device for the addresses in use,
+        /// and says why when it falls back to TCP.
+        #[arg(long, value_enum, default_value = "auto")]
+        transport: TransportMode,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -276,6 +281,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
             max_downtime,
             max_rounds,
             max_bandwidth,
+            transport,
             json,
         } => {
             if streams == 0 || streams > 64 || threads == 0 || threads > 64 {
@@ -290,6 +296,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
                 max_downtime_ms: max_downtime.as_millis() as u64,
                 max_rounds,
                 max_bandwidth,
+                transport,
             }))?;
             let mut bar = render::ProgressBar::new(!json);
             loop {

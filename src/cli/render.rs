@@ -87,6 +87,9 @@ pub fn print_report(r: &Report) {
         "migration {outcome} over {} ({} streams, {} threads)",
         r.transport, r.streams, r.threads
     );
+    if let Some(why) = &r.transport_fallback {
+        println!("  transport:    TCP, because {why}");
+    }
     if let Some(e) = &r.error {
         println!("  error:        {e}");
     }

@@ -9,6 +9,7 @@ use crossbeam_channel::{select, unbounded, Receiver};
 use godwit_transport::{Connection, FrameSink, FrameSource, TransportListener};
 
 use super::batch::MemoryLimits;
+use super::dataplane;
 use super::phase::{DestinationPhase, PhaseLog};
 use super::pipeline::{spawn_receivers, StreamEvent};
 use super::protocol::{self, Hello, Message};
@@ -157,6 +158,7 @@ impl Session {
         serial: SerialSink,
     ) -> Result<(Vm, u32), MigrationError> {
         let data_streams = conn.data.len();
+        let peer = conn.control.peer().to_string();
         let (mut control, mut ctl_source, _) = conn.control.into_parts();
         let mut buf = Vec::new();
 
@@ -191,13 +193,21 @@ impl Session {
             .map_err(|e| {
                 MigrationError::Refused(format!("the source's memory layout is invalid: {e}"))
             })?;
+        send_message(&mut *control, &Message::Accept)?;
+        let first = recv_message(&mut *ctl_source, &mut buf)?;
+        let plane = dataplane::destination_plane(
+            first,
+            &peer,
+            vm.ram_areas(),
+            &mut |m| send_message(&mut *control, m),
+            conn.data,
+        )?;
         let (events_tx, events) = unbounded();
         let mut sources = Vec::with_capacity(data_streams);
-        for ch in conn.data {
+        for ch in plane.channels {
             ch.set_read_timeout(Some(opts.idle_timeout))?;
             sources.push(ch.into_parts().1);
         }
-        send_message(&mut *control, &Message::Accept)?;
         self.go(DestinationPhase::Receiving);
         // The threads end on their own when the source closes the streams.
         drop(spawn_receivers(

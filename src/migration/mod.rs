@@ -23,6 +23,7 @@
 //! and the destination discards its copy, which never ran. See [`phase`] for the state machines.
 
 pub mod batch;
+pub mod dataplane;
 pub mod destination;
 pub mod phase;
 pub mod pipeline;

@@ -111,6 +111,14 @@ struct Stream {
     batches: u64,
 }
 
+/// Where raw pages go when the data plane can write them straight into the destination's
+/// guest memory (RDMA); `None` sends them in frames.
+#[cfg(feature = "rdma")]
+pub type Placement = Option<Arc<super::dataplane::rdma::Placement>>;
+/// Without RDMA support, pages always travel in frames.
+#[cfg(not(feature = "rdma"))]
+pub type Placement = Option<std::convert::Infallible>;
+
 /// The source half: worker threads that turn batches of page addresses into frames.
 pub struct SendPipeline {
     jobs: Option<Sender<Job>>,
@@ -135,6 +143,7 @@ impl SendPipeline {
         sinks: Vec<Box<dyn FrameSink>>,
         workers: usize,
         limiter: Option<RateLimiter>,
+        placement: Placement,
     ) -> Self {
         let streams: Arc<Vec<Mutex<Stream>>> = Arc::new(
             sinks
@@ -149,9 +158,10 @@ impl SendPipeline {
             .map(|i| {
                 let (jobs, results) = (jobs_rx.clone(), results_tx.clone());
                 let (memory, streams, limiter) = (memory.clone(), streams.clone(), limiter.clone());
+                let placement = placement.clone();
                 std::thread::Builder::new()
                     .name(format!("page-worker{i}"))
-                    .spawn(move || worker(memory, jobs, results, streams, limiter))
+                    .spawn(move || worker(memory, jobs, results, streams, limiter, placement))
                     .expect("spawning a page worker")
             })
             .collect();
@@ -265,14 +275,84 @@ fn worker(
     results: Sender<Result<BatchStats, MigrationError>>,
     streams: Arc<Vec<Mutex<Stream>>>,
     limiter: Option<Arc<RateLimiter>>,
+    placement: Placement,
 ) {
     let mut encoder = BatchEncoder::new();
     for job in jobs {
-        let r = send_batch(&memory, &job, &mut encoder, &streams, limiter.as_deref());
+        let r = match (&placement, job.compression) {
+            #[cfg(feature = "rdma")]
+            (Some(p), Compression::None) => {
+                place_batch(&memory, &job, p, &mut encoder, &streams, limiter.as_deref())
+            }
+            _ => send_batch(&memory, &job, &mut encoder, &streams, limiter.as_deref()),
+        };
         if results.send(r).is_err() {
             break;
         }
     }
+}
+
+/// Sends a batch's non-zero pages as RDMA WRITEs straight from this guest's memory into the
+/// destination's (no copy on either host), and its zero pages as a frame of addresses. A frame
+/// sent later on the same queue pair (the batch's own, or the round's end) is delivered only
+/// after the writes landed, so the destination's round accounting still holds.
+#[cfg(feature = "rdma")]
+fn place_batch(
+    memory: &GuestMemory,
+    job: &Job,
+    placement: &super::dataplane::rdma::Placement,
+    encoder: &mut BatchEncoder,
+    streams: &[Mutex<Stream>],
+    limiter: Option<&RateLimiter>,
+) -> Result<BatchStats, MigrationError> {
+    let mut probe = [0u8; PAGE_SIZE];
+    let (mut zero, mut data) = (Vec::new(), Vec::new());
+    for &gpa in &job.pages {
+        memory
+            .read_slice(&mut probe, GuestAddress(gpa))
+            .map_err(|e| MigrationError::Memory(e.to_string()))?;
+        if batch::is_zero_page(&probe) {
+            zero.push(gpa);
+        } else {
+            data.push((gpa, PAGE_SIZE));
+        }
+    }
+    let mut stats = BatchStats {
+        pages: job.pages.len() as u64,
+        zero_pages: zero.len() as u64,
+        raw_bytes: (data.len() * PAGE_SIZE) as u64,
+        wire_bytes: (data.len() * PAGE_SIZE) as u64,
+        ..BatchStats::default()
+    };
+    if let Some(l) = limiter {
+        l.acquire(data.len() * PAGE_SIZE);
+    }
+    let mut st = streams[job.stream]
+        .lock()
+        .map_err(|_| MigrationError::PipelineClosed)?;
+    if !data.is_empty() {
+        st.sink
+            .as_rdma()
+            .ok_or(MigrationError::PipelineClosed)?
+            .write_pages(&placement.local, &placement.remote, &data)?;
+    }
+    if !zero.is_empty() {
+        let encoded = encoder
+            .encode_with(job.round, &zero, Compression::None, |_, slot| {
+                slot.fill(0);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .map_err(|e| match e {
+                EncodeWithError::Read(never) => match never {},
+                EncodeWithError::Encode(e) => {
+                    MigrationError::Memory(format!("cannot encode a batch: {e}"))
+                }
+            })?;
+        st.sink.send(&[encoded.header, encoded.payload])?;
+        st.batches += 1;
+        stats.wire_bytes += encoded.header.len() as u64;
+    }
+    Ok(stats)
 }
 
 fn send_batch(

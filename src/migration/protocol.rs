@@ -45,6 +45,21 @@ pub enum Message {
     Accept,
     /// Destination to source: the migration is refused, and why (what to fix).
     Refuse(String),
+    /// Source to destination, right after `Accept`: page data comes on the TCP data streams.
+    UseTcp,
+    /// Source to destination, right after `Accept`: the source offers RDMA data streams; its
+    /// queue pairs (an opaque, versioned `EndpointInfo` of the transport).
+    RdmaOffer(Vec<u8>),
+    /// Destination to source: RDMA accepted: its queue pairs and its guest memory, registered
+    /// for RDMA WRITE (remote keys cross only here, after the handshake).
+    RdmaAnswer {
+        /// The destination's `EndpointInfo`.
+        endpoint: Vec<u8>,
+        /// The destination's registered guest memory (`RemoteMemory`).
+        memory: Vec<u8>,
+    },
+    /// Destination to source: RDMA is not possible here, and why; pages go over TCP.
+    RdmaDecline(String),
     /// Destination to source: every page of this pre-copy round is in guest memory. The source
     /// waits for it before the next round, so its rates are end to end and no backlog of
     /// pages sits in buffers when the guest pauses.
@@ -76,6 +91,10 @@ impl Message {
             Self::Hello(_) => "Hello",
             Self::Accept => "Accept",
             Self::Refuse(_) => "Refuse",
+            Self::UseTcp => "UseTcp",
+            Self::RdmaOffer(_) => "RdmaOffer",
+            Self::RdmaAnswer { .. } => "RdmaAnswer",
+            Self::RdmaDecline(_) => "RdmaDecline",
             Self::RoundApplied(_) => "RoundApplied",
             Self::Switchover { .. } => "Switchover",
             Self::Restored => "Restored",

@@ -106,6 +106,9 @@ pub struct Report {
     pub compression_ratio: f64,
     /// Transport name.
     pub transport: String,
+    /// Why RDMA was not used when `--transport auto` wanted it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport_fallback: Option<String>,
     /// Data streams used.
     pub streams: usize,
     /// Worker threads used.

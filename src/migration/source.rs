@@ -9,6 +9,7 @@ use crossbeam_channel::Receiver;
 use godwit_transport::{AbortHandle, ConnectOptions, FrameSink, FrameSource, Transport};
 
 use super::batch::Compression;
+use super::dataplane::{self, SourceSide, TransportMode};
 use super::phase::{PhaseLog, SourcePhase};
 use super::pipeline::{RateLimiter, SendPipeline};
 use super::policy::{CompressMode, Decision, Estimates, Limits};
@@ -34,6 +35,8 @@ pub struct SendOptions {
     pub compress: CompressMode,
     /// Downtime budget and round limit.
     pub limits: Limits,
+    /// Which data plane (TCP, RDMA, or RDMA when possible).
+    pub transport: TransportMode,
     /// Cap on page bytes per second on the wire, if any.
     pub max_bandwidth: Option<u64>,
     /// How long to wait for each answer of the destination.
@@ -97,6 +100,7 @@ struct Run<'a> {
     vm: &'a mut Vm,
     opts: &'a SendOptions,
     transport_name: &'static str,
+    fallback: Option<String>,
     phase: PhaseLog<SourcePhase>,
     estimates: Estimates,
     rounds: Vec<RoundReport>,
@@ -122,6 +126,7 @@ pub fn migrate(
         vm,
         opts,
         transport_name: transport.name(),
+        fallback: None,
         phase: PhaseLog::new(SourcePhase::Handshake),
         estimates: Estimates::default(),
         rounds: Vec::new(),
@@ -198,6 +203,7 @@ pub fn migrate(
             1.0
         },
         transport: run.transport_name.to_string(),
+        transport_fallback: run.fallback.clone(),
         streams: opts.streams.get(),
         threads: opts.threads.get(),
         round_details: run.rounds,
@@ -265,14 +271,51 @@ impl Run<'_> {
                 })
             }
         }
-        let sinks: Vec<Box<dyn FrameSink>> =
-            conn.data.into_iter().map(|c| c.into_parts().0).collect();
+        let plane = {
+            let timeout = self.opts.reply_timeout;
+            let mut sent = 0u64;
+            let mut send = |m: &Message| -> Result<(), MigrationError> {
+                let frame = protocol::encode(m);
+                control.send(&[&frame])?;
+                control.flush()?;
+                sent += frame.len() as u64;
+                Ok(())
+            };
+            let mut wait = || inbox.wait("the destination's answer to the RDMA offer", timeout);
+            let side = SourceSide {
+                mode: self.opts.transport,
+                destination: &self.opts.destination,
+                memory: self.vm.ram_areas(),
+                send: &mut send,
+                wait: &mut wait,
+            };
+            let plane = dataplane::source_plane(side, conn.data)?;
+            self.bytes_sent += sent;
+            plane
+        };
+        self.transport_name = plane.name;
+        if let Some(why) = &plane.fallback {
+            eprintln!("godwit: using TCP: {why}");
+            self.fallback = Some(why.clone());
+        }
+        self.aborts
+            .extend(plane.channels.iter().map(|c| c.abort_handle()));
+        #[cfg(feature = "rdma")]
+        let placement = plane.placement.map(std::sync::Arc::new);
+        #[cfg(not(feature = "rdma"))]
+        let placement = None;
+        let sinks: Vec<Box<dyn FrameSink>> = plane
+            .channels
+            .into_iter()
+            .map(|c| c.into_parts().0)
+            .collect();
         let limiter = self.opts.max_bandwidth.map(RateLimiter::new);
         let mut pipeline = SendPipeline::new(
             self.vm.memory().clone(),
             sinks,
             self.opts.threads.get(),
             limiter,
+            placement,
         );
 
         // Pre-copy.

@@ -379,8 +379,12 @@ impl Vm {
         let ticks = paused.as_micros() as u64 * u64::from(self.tsc_khz) / 1000;
         state.advance_clock(paused.as_nanos() as u64);
         state::restore_vm(&self.fd, &state)?;
+        let amd = self.host_is_amd();
         for (handle, mut s) in self.vcpus.iter().zip(state.vcpus) {
             s.advance_tsc(ticks);
+            if amd {
+                s.tr_as_loaded_on_amd();
+            }
             handle.restore(s)?;
         }
         if let Ok(mut serial) = self.io.serial.lock() {
@@ -392,6 +396,26 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// Whether this host's CPU is AMD's (CPUID leaf 0 vendor "AuthenticAMD").
+    fn host_is_amd(&self) -> bool {
+        self.host_cpuid
+            .iter()
+            .find(|e| e.function == 0)
+            .is_some_and(|e| (e.ebx, e.edx, e.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163))
+    }
+
+    /// Guest RAM as `(guest physical address, host address, length)`, for a transport that
+    /// registers it (RDMA). The mappings live as long as the VM.
+    pub fn ram_areas(&self) -> Vec<(u64, *mut u8, usize)> {
+        self.memory
+            .iter()
+            .map(|r| {
+                let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = r;
+                (r.start_addr().0, mapping.as_ptr(), mapping.size())
+            })
+            .collect()
     }
 
     /// The RAM layout.

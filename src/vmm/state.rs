@@ -74,6 +74,19 @@ pub struct VmState {
 }
 
 impl VcpuState {
+    /// Loads TR as an available (not busy) TSS. KVM on AMD reports TR as busy whatever the
+    /// VMCB holds (`svm_get_segment` sets the bit because AMD does not keep it), while what the
+    /// CPU had loaded with `ltr` is the available type; QEMU's emulation of SVM, which the
+    /// soft-RoCE lab runs KVM on, refuses ring-3 port I/O through the TSS bitmap when TR is
+    /// busy. Intel's VM entry requires busy, so this is for AMD hosts only.
+    pub fn tr_as_loaded_on_amd(&mut self) {
+        const TSS_AVAILABLE: u8 = 0x9;
+        const TSS_BUSY: u8 = 0xb;
+        if self.sregs.tr.type_ == TSS_BUSY {
+            self.sregs.tr.type_ = TSS_AVAILABLE;
+        }
+    }
+
     /// Moves the guest's TSC forward by `ticks`, for the time the VM spent paused.
     pub fn advance_tsc(&mut self, ticks: u64) {
         for m in &mut self.msrs {

@@ -212,6 +212,26 @@ pub enum TransportError {
         /// What was being done.
         what: &'static str,
     },
+    /// An RDMA data channel failed (a completion error, a queue pair in the
+    /// error state, a malformed message), or refused a request before
+    /// posting anything (`broken` false: the channel is still usable).
+    #[error(
+        "RDMA channel with {peer}: {detail}{}",
+        if *broken {
+            "; this connection cannot be used any more: abort and retry the migration, \
+             or use --transport tcp"
+        } else {
+            " (refused before anything was sent; the channel is still usable)"
+        }
+    )]
+    Rdma {
+        /// The peer.
+        peer: String,
+        /// What failed, with the verbs layer's own hint.
+        detail: String,
+        /// Whether the channel is unusable from now on.
+        broken: bool,
+    },
     /// A previous receive timed out mid-frame, so frame boundaries are lost.
     #[error(
         "channel with {peer} lost frame sync after a receive timed out mid-frame; \

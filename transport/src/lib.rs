@@ -67,6 +67,14 @@ pub trait FrameSink: Send {
 
     /// Pushes out frames that the transport may have queued.
     fn flush(&mut self) -> Result<(), TransportError>;
+
+    /// The RDMA sink behind this trait object, for the operations only RDMA
+    /// has ([`rdma::RdmaSink::write_pages`]: pages written straight into the
+    /// receiver's registered guest memory). `None` for other transports.
+    #[cfg(feature = "rdma")]
+    fn as_rdma(&mut self) -> Option<&mut rdma::RdmaSink> {
+        None
+    }
 }
 
 /// Receives frames from one channel.

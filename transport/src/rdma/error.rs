@@ -19,6 +19,19 @@ pub enum RdmaError {
     )]
     NoDevice,
 
+    /// No RDMA device has the local address asked for.
+    #[error(
+        "no RDMA device has the address {ip} (looked for it as GID index 1 of port 1; \
+         devices: {devices}): give the address of an interface with RoCE (`rdma link show`, \
+         `ibv_devinfo -v` lists the GIDs), or use --transport tcp"
+    )]
+    NoDeviceForIp {
+        /// The local address asked for.
+        ip: std::net::IpAddr,
+        /// The devices present with their GID index 1, or "none".
+        devices: String,
+    },
+
     /// The named device does not exist.
     #[error(
         "RDMA device {name:?} not found (devices present: {available}): \

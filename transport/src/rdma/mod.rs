@@ -22,10 +22,18 @@
 //! counts against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK
 //! ([`raise_memlock_limit`]).
 //!
+//! # Channels
+//! [`RdmaEndpoint`] turns queue pairs into the crate's frame channels and
+//! writes guest pages straight into the peer's registered memory
+//! ([`RdmaSink::write_pages`]); see the `channel` module's documentation.
+//!
 //! # Waiting
 //! Every wait for a completion is bounded ([`CompletionQueue::wait`]) and
 //! ends in [`RdmaError::Timeout`] rather than a hang.
 
+mod channel;
+#[cfg(test)]
+mod channel_tests;
 mod cq;
 mod device;
 mod error;
@@ -34,6 +42,10 @@ mod qp;
 #[cfg(test)]
 mod tests;
 
+pub use channel::{
+    EndpointInfo, MemoryArea, RdmaEndpoint, RdmaOptions, RdmaSink, RdmaSource, RegisteredMemory,
+    RemoteArea, RemoteMemory, EOS_IMM, MAX_MEMORY_AREAS, MAX_RDMA_FRAME,
+};
 pub use cq::{CompletionQueue, WcOpcode, WcStatus, WorkCompletion};
 pub use device::{Context, Device, Gid, Mtu, PortInfo};
 pub use error::{MemlockDisplay, RdmaError, Result};
