@@ -87,6 +87,9 @@ pub fn print_report(r: &Report) {
         "migration {outcome} over {} ({} streams, {} threads)",
         r.transport, r.streams, r.threads
     );
+    if let Some(ms) = r.rdma_registration_ms {
+        println!("  rdma:         guest memory registered in {ms:.1} ms before the first round");
+    }
     if let Some(why) = &r.transport_fallback {
         println!("  transport:    TCP, because {why}");
     }

@@ -51,6 +51,9 @@ pub struct SourcePlane {
     pub name: &'static str,
     /// Why RDMA was not used, when it was wanted.
     pub fallback: Option<String>,
+    /// How long registering (pinning) this host's guest memory took, on RDMA: before the
+    /// first round, never inside the pause.
+    pub registration: Option<std::time::Duration>,
     /// One channel per data stream (the source sends on them).
     pub channels: Vec<Channel>,
     /// Guest memory placement, on RDMA.
@@ -111,6 +114,7 @@ pub(crate) fn source_plane(
     let tcp_plane = |tcp, fallback| SourcePlane {
         name: "tcp",
         fallback,
+        registration: None,
         channels: tcp,
         #[cfg(feature = "rdma")]
         placement: None,
@@ -241,6 +245,7 @@ pub(crate) mod rdma {
                 return Ok(Err(format!("this host has no RDMA device for {ip} ({e})")));
             }
         };
+        let started = std::time::Instant::now();
         // SAFETY: the areas are the VM's guest RAM mappings, which live as long as the VM;
         // the engine holds `&mut Vm` for the whole migration and drops the plane (and so this
         // registration) before returning it.
@@ -253,6 +258,7 @@ pub(crate) mod rdma {
                 )));
             }
         };
+        let registration = started.elapsed();
         (side.send)(&Message::RdmaOffer(endpoint.local_info().to_bytes()))?;
         let (theirs, memory) = match (side.wait)()? {
             Message::RdmaAnswer { endpoint, memory } => (endpoint, memory),
@@ -275,6 +281,7 @@ pub(crate) mod rdma {
         Ok(Ok(SourcePlane {
             name: "rdma",
             fallback: None,
+            registration: Some(registration),
             channels,
             placement: Some(Placement { local, remote }),
         }))

@@ -109,6 +109,9 @@ pub struct Report {
     /// Why RDMA was not used when `--transport auto` wanted it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport_fallback: Option<String>,
+    /// On RDMA: how long pinning this host's guest memory took (before the first round).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdma_registration_ms: Option<f64>,
     /// Data streams used.
     pub streams: usize,
     /// Worker threads used.

@@ -101,6 +101,7 @@ struct Run<'a> {
     opts: &'a SendOptions,
     transport_name: &'static str,
     fallback: Option<String>,
+    registration: Option<Duration>,
     phase: PhaseLog<SourcePhase>,
     estimates: Estimates,
     rounds: Vec<RoundReport>,
@@ -127,6 +128,7 @@ pub fn migrate(
         opts,
         transport_name: transport.name(),
         fallback: None,
+        registration: None,
         phase: PhaseLog::new(SourcePhase::Handshake),
         estimates: Estimates::default(),
         rounds: Vec::new(),
@@ -204,6 +206,7 @@ pub fn migrate(
         },
         transport: run.transport_name.to_string(),
         transport_fallback: run.fallback.clone(),
+        rdma_registration_ms: run.registration.map(|d| d.as_secs_f64() * 1e3),
         streams: opts.streams.get(),
         threads: opts.threads.get(),
         round_details: run.rounds,
@@ -294,6 +297,7 @@ impl Run<'_> {
             plane
         };
         self.transport_name = plane.name;
+        self.registration = plane.registration;
         if let Some(why) = &plane.fallback {
             eprintln!("godwit: using TCP: {why}");
             self.fallback = Some(why.clone());

@@ -53,5 +53,26 @@ wait_for "$W/serial2.log" "pass=" 30
 last=$(grep -o 'pass=[0-9]*' "$W/serial2.log" | tail -1 | cut -d= -f2)
 wait_for "$W/serial2.log" "pass=$((last + 2)) " 60
 
+# A receiver killed in the middle of an RDMA migration: the source keeps the VM, intact.
+"$G" receive --listen "$B:7000" --api "$W/vm3.sock" --serial "$W/serial3.log" 2>"$W/recv3.err" &
+victim=$!
+pids="$pids $victim"
+wait_for "$W/recv3.err" "waiting for a VM" 30
+"$G" send --api "$W/vm2.sock" --to "$B:7000" --json --transport rdma --compress off \
+    --max-bandwidth 1M >"$W/report3.json" 2>"$W/send3.err" &
+sender=$!
+# At 1 MiB/s the first round alone takes over 8 s; kill the receiver inside it.
+sleep 3
+kill -0 "$sender" 2>/dev/null || fail "move 3 ended before the receiver was killed: $(cat "$W/report3.json")"
+kill -9 "$victim"
+rc=0
+wait "$sender" || rc=$?
+[ "$rc" = 1 ] || fail "move 3 should have failed (exit $rc): $(cat "$W/report3.json")"
+grep -q '"vm_on_source":true' "$W/report3.json" || fail "move 3: the VM left the source"
+"$G" status --api "$W/vm2.sock" | grep -q '"running"' || fail "move 3: the source VM is not running"
+echo "move 3 (receiver killed): $(grep -o '"error":"[^"]*"' "$W/report3.json")"
+last=$(grep -o 'pass=[0-9]*' "$W/serial2.log" | tail -1 | cut -d= -f2)
+wait_for "$W/serial2.log" "pass=$((last + 2)) " 60
+
 "$G" heartbeat "$W"/serial*.log || fail "the guest is not healthy"
-echo "rdma migration: 2 passed, 0 failed"
+echo "rdma migration: 3 passed, 0 failed"
