@@ -2,6 +2,7 @@
 //! `SKIPPED` and pass; in the soft-RoCE lab (`ci/rdmalab/run.sh`) endpoint A
 //! is on 10.99.0.1 (rxe0) and endpoint B on 10.99.0.2 (rxe1), in one process.
 
+use super::test_support::{mb_per_s, Mapping, Rng};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
@@ -13,85 +14,6 @@ const MIB: usize = 1024 * 1024;
 const PAGE: usize = 4096;
 const IP_A: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 1));
 const IP_B: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 2));
-
-/// xorshift64*: fast deterministic bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-fn mb_per_s(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
-}
-
-/// An anonymous, populated mapping standing in for guest RAM.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> Mapping {
-        // SAFETY: an anonymous private mapping at an address the kernel
-        // picks; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap {len}");
-        Mapping { ptr: p.cast(), len }
-    }
-
-    /// `len` bytes at `off`, read while no transfer into them is in flight.
-    fn read(&self, off: usize, len: usize) -> &[u8] {
-        assert!(off + len <= self.len);
-        // SAFETY: inside the mapping, alive while `self` is; callers read
-        // only ranges whose transfers completed (a later frame was seen).
-        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
-    }
-
-    /// Fills the mapping (before it is registered, or while no transfer
-    /// reads or writes it).
-    fn fill(&mut self, rng: &mut Rng) {
-        // SAFETY: the whole mapping, uniquely borrowed through `&mut self`.
-        rng.fill(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) });
-    }
-
-    fn area(&self, key: u64) -> MemoryArea {
-        MemoryArea {
-            key,
-            ptr: self.ptr,
-            len: self.len,
-        }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; every region
-        // registered on it was declared after it and so dropped first.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
 
 /// Endpoints A (10.99.0.1) and B (10.99.0.2), or None (after printing
 /// SKIPPED) without the lab's devices.

@@ -40,6 +40,8 @@ mod error;
 mod mr;
 mod qp;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 pub use channel::{

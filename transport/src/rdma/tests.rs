@@ -3,6 +3,7 @@
 //! soft-RoCE lab (`ci/rdmalab/run.sh`) they use rxe0 for one side and rxe1
 //! for the other, both in this one process.
 
+use super::test_support::{mb_per_s, Mapping, Rng};
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -76,90 +77,6 @@ fn connected(a: &Side, b: &Side, cfg: &QpConfig) -> (QueuePair, QueuePair) {
 fn two_sides() -> Option<(Side, Side)> {
     let (a, b) = devices()?;
     Some((Side::open(&a), Side::open(&b)))
-}
-
-/// xorshift64*: fast deterministic bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-fn mb_per_s(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
-}
-
-/// An anonymous mapping standing in for guest RAM mapped by the VMM.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> Mapping {
-        Mapping::with_pages(len, true)
-    }
-
-    /// A populated mapping; `huge`: allow transparent huge pages (as
-    /// Godwit's guest RAM does), else 4 KiB pages only.
-    fn with_pages(len: usize, huge: bool) -> Mapping {
-        // SAFETY: an anonymous private mapping at an address the kernel
-        // picks; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap {len}");
-        let advice = if huge {
-            libc::MADV_HUGEPAGE
-        } else {
-            libc::MADV_NOHUGEPAGE
-        };
-        // SAFETY: advice on the mapping just made; it does not change its
-        // content. Failure (no THP support) is harmless.
-        unsafe { libc::madvise(p, len, advice) };
-        let m = Mapping { ptr: p.cast(), len };
-        // Populate: touch every page.
-        for off in (0..len).step_by(4096) {
-            // SAFETY: `off < len`, inside the read/write mapping; no
-            // reference to it exists.
-            unsafe { m.ptr.add(off).write_volatile(0) };
-        }
-        m
-    }
-
-    /// Reads the mapping (only while no transfer into it is in flight).
-    fn to_vec(&self) -> Vec<u8> {
-        // SAFETY: the mapping is `len` readable bytes, alive while `self` is;
-        // the copy happens after the writes into it completed.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; every memory
-        // region registered on it was declared after it and so dropped first.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
 }
 
 // ---------------------------------------------------------------- host tests
