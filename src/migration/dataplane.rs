@@ -226,6 +226,14 @@ pub(crate) mod rdma {
             .collect()
     }
 
+    /// Why no endpoint could be opened, in one line: short when the host has no RDMA at all.
+    fn no_device(who: &str, ip: std::net::IpAddr, e: &godwit_transport::rdma::RdmaError) -> String {
+        match godwit_transport::rdma::Device::list() {
+            Ok(devices) if devices.is_empty() => format!("{who} has no RDMA device"),
+            _ => format!("no RDMA device of {who} carries {ip}: {e}"),
+        }
+    }
+
     /// The source's side. The outer error is fatal; the inner one is a reason to fall back.
     pub fn source(
         side: SourceSide<'_>,
@@ -242,7 +250,7 @@ pub(crate) mod rdma {
             Ok(e) => e,
             Err(e) => {
                 (side.send)(&Message::UseTcp)?;
-                return Ok(Err(format!("this host has no RDMA device for {ip} ({e})")));
+                return Ok(Err(no_device("this host", ip, &e)));
             }
         };
         let started = std::time::Instant::now();
@@ -298,8 +306,8 @@ pub(crate) mod rdma {
             .map_err(|e| format!("the source's RDMA offer is invalid: {e}"))?;
         let ip =
             local_ip_towards(peer).ok_or_else(|| format!("no local address reaches {peer}"))?;
-        let mut endpoint = RdmaEndpoint::open(ip, streams)
-            .map_err(|e| format!("the destination has no RDMA device for {ip} ({e})"))?;
+        let mut endpoint =
+            RdmaEndpoint::open(ip, streams).map_err(|e| no_device("the destination", ip, &e))?;
         // SAFETY: the areas are the incoming VM's guest RAM mappings, which live as long as
         // the VM; the plane holding this registration is dropped before the VM can be.
         let registered = unsafe { endpoint.register_memory(&areas(&memory)) }.map_err(|e| {
