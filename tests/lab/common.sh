@@ -1,0 +1,37 @@
+# Shared by the lab's migration scripts (sourced; POSIX sh, runs inside the lab VM).
+# shellcheck shell=sh
+G=$(pwd)/target/release/godwit
+W=$(mktemp -d)
+# shellcheck disable=SC2034 # used by the scripts that source this file
+A=10.99.0.1
+# shellcheck disable=SC2034
+B=10.99.0.2
+pids=""
+cleanup() { for p in $pids; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+fail() { echo "FAIL: $*"; for f in "$W"/*.log "$W"/*.err; do echo "--- $f"; tail -5 "$f"; done; exit 1; }
+
+# wait_for FILE PATTERN SECONDS
+wait_for() {
+    i=0
+    while ! grep -q "$2" "$1" 2>/dev/null; do
+        i=$((i + 1))
+        [ "$i" -le $(($3 * 10)) ] || fail "timed out waiting for '$2' in $1"
+        sleep 0.1
+    done
+}
+
+# move N FROM_SOCK TO_IP EXTRA...: receive on TO_IP, send, check the report.
+move() {
+    n=$1 from=$2 to=$3
+    shift 3
+    "$G" receive --listen "$to:7000" --api "$W/vm$n.sock" --serial "$W/serial$n.log" 2>"$W/recv$n.err" &
+    pids="$pids $!"
+    wait_for "$W/recv$n.err" "waiting for a VM" 30
+    "$G" send --api "$from" --to "$to:7000" --json --max-downtime 500ms "$@" >"$W/report$n.json" 2>"$W/send$n.err" ||
+        fail "move $n: $(cat "$W/report$n.json")"
+    grep -q '"outcome":"completed"' "$W/report$n.json" || fail "move $n did not complete"
+    grep -q '"transport":"rdma"' "$W/report$n.json" || fail "move $n did not use RDMA: $(cat "$W/report$n.json")"
+    echo "move $n: $(sed 's/"round_details".*//' "$W/report$n.json")"
+}
+
