@@ -4,7 +4,7 @@
 #
 #   ci/rdmalab/run.sh -- tests/lab/rdma_receiver_killed.sh
 #
-# Not in CI yet: in 1 of 6 runs the source's VM triple-faulted after the failed migration (see
+# Not in CI yet: in 1 of 11 runs the source's VM triple-faulted after the failed migration (see
 # the project notes); it stays an on-demand check until that is understood.
 set -eu
 
