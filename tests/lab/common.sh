@@ -21,6 +21,15 @@ wait_for() {
     done
 }
 
+# boot_guest: the memory checker on this host as vm0, once it has checked every page twice.
+# Soft-RoCE under TCG moves tens of MB/s: a small guest, a modest dirty rate.
+boot_guest() {
+    "$G" run --guest memcheck --memory 64M --cmdline "hb_ms=200 wss_mb=8 rate_mbps=1" \
+        --api "$W/vm0.sock" --serial "$W/serial0.log" 2>"$W/run0.err" &
+    pids="$pids $!"
+    wait_for "$W/serial0.log" "pass=2" 60
+}
+
 # move N FROM_SOCK TO_IP EXTRA...: receive on TO_IP, send, check the report.
 move() {
     n=$1 from=$2 to=$3

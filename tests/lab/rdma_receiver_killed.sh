@@ -10,10 +10,7 @@ set -eu
 
 . "$(dirname "$0")/common.sh"
 
-"$G" run --guest memcheck --memory 64M --cmdline "hb_ms=200 wss_mb=8 rate_mbps=1" \
-    --api "$W/vm0.sock" --serial "$W/serial0.log" 2>"$W/run0.err" &
-pids="$pids $!"
-wait_for "$W/serial0.log" "pass=2" 60
+boot_guest
 
 move 1 "$W/vm0.sock" "$B" --transport rdma --compress on
 wait_for "$W/serial1.log" "hb seq" 30
