@@ -265,7 +265,8 @@ fn dispatch(cmd: Command) -> Result<i32> {
             let (vm, received) = destination::receive(&mut listener, &opts, serial_sink(host.serial.as_deref())?)
                 .context("the incoming migration failed; nothing runs here, the VM keeps running on its source")?;
             eprintln!(
-                "godwit: VM received ({} MiB, {} rounds, {:.0} ms) and running here",
+                "godwit: VM received over {} ({} MiB, {} rounds, {:.0} ms) and running here",
+                received.transport,
                 received.guest_memory_bytes >> 20,
                 received.rounds,
                 received.total.as_secs_f64() * 1e3

@@ -35,6 +35,8 @@ pub struct Received {
     pub guest_memory_bytes: u64,
     /// Rounds received.
     pub rounds: u32,
+    /// The data plane the pages came on (`tcp` or `rdma`).
+    pub transport: &'static str,
     /// From the connection to running the VM.
     pub total: Duration,
 }
@@ -57,8 +59,9 @@ pub fn receive(
             let _ = a.shutdown();
         }
     }
-    let (vm, rounds) = result?;
+    let (vm, rounds, transport) = result?;
     let received = Received {
+        transport,
         guest_memory_bytes: vm.layout().total_bytes(),
         rounds,
         total: started.elapsed(),
@@ -143,7 +146,7 @@ impl Session {
         conn: Connection,
         opts: &ReceiveOptions,
         serial: SerialSink,
-    ) -> Result<(Vm, u32), MigrationError> {
+    ) -> Result<(Vm, u32, &'static str), MigrationError> {
         let result = self.steps(conn, opts, serial);
         if result.is_err() {
             self.go(DestinationPhase::Failed);
@@ -156,7 +159,7 @@ impl Session {
         conn: Connection,
         opts: &ReceiveOptions,
         serial: SerialSink,
-    ) -> Result<(Vm, u32), MigrationError> {
+    ) -> Result<(Vm, u32, &'static str), MigrationError> {
         let data_streams = conn.data.len();
         let peer = conn.control.peer().to_string();
         let (mut control, mut ctl_source, _) = conn.control.into_parts();
@@ -279,7 +282,7 @@ impl Session {
         self.go(DestinationPhase::Running);
         // The VM runs here now whatever happens to this message; the source releases on it.
         let _ = send_message(&mut *control, &Message::Resumed);
-        Ok((vm, final_round))
+        Ok((vm, final_round, plane.name))
     }
 }
 
