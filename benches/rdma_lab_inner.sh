@@ -150,6 +150,9 @@ move() {
 move 1 0 "$B" rdma-raw --transport rdma --compress off
 move 2 1 "$A" rdma-lz4 --transport rdma --compress on
 move 3 2 "$B" tcp-raw --transport tcp --compress off
+move 4 3 "$A" tcp-lz4 --transport tcp --compress on
+# auto: probes both planes before round 1 and keeps the faster; compare with the lines above.
+move 5 4 "$B" auto --transport auto --compress auto
 "$G" heartbeat "$W"/serial*.log || echo "WARNING: the guest's heartbeat check failed"
 
 echo

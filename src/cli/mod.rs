@@ -22,6 +22,9 @@ use godwit::vmm::memory::MemoryLayout;
 use godwit::vmm::{Vm, VmConfig};
 use godwit_transport::{probe, TcpListener, TcpTransport, Transport, TransportListener};
 
+/// How long a link test may run: the receiver gives up on a sender that outlasts it.
+const LINKTEST_LIMIT: Duration = Duration::from_secs(300);
+
 /// Godwit moves running KVM virtual machines between hosts.
 #[derive(Parser, Debug)]
 #[command(name = "godwit", version)]
@@ -373,10 +376,13 @@ fn dispatch(cmd: Command) -> Result<i32> {
                     eprintln!("godwit: link test listening on {}", l.local_addr());
                     (
                         "receive",
-                        probe::receive(l.accept(Duration::from_secs(120))?)?,
+                        probe::receive(l.accept(Duration::from_secs(120))?, LINKTEST_LIMIT)?,
                     )
                 }
                 (None, Some(addr)) => {
+                    if duration >= LINKTEST_LIMIT {
+                        bail!("--duration must be below {LINKTEST_LIMIT:?}");
+                    }
                     let n = std::num::NonZeroUsize::new(streams)
                         .context("--streams must be at least 1")?;
                     let conn = transport.connect(&addr, n, &Default::default())?;

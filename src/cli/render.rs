@@ -93,6 +93,14 @@ pub fn print_report(r: &Report) {
     if let Some(why) = &r.transport_fallback {
         println!("  transport:    TCP, because {why}");
     }
+    if let Some(p) = &r.plane_probe {
+        println!(
+            "  plane probe:  TCP {:.0} MB/s, RDMA {:.0} MB/s ({:.0} ms each, before the first round)",
+            p.tcp_bytes_per_sec / 1e6,
+            p.rdma_bytes_per_sec / 1e6,
+            p.burst_ms
+        );
+    }
     if let Some(e) = &r.error {
         println!("  error:        {e}");
     }

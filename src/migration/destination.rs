@@ -203,6 +203,7 @@ impl Session {
             &peer,
             vm.ram_areas(),
             &mut |m| send_message(&mut *control, m),
+            &mut || recv_message(&mut *ctl_source, &mut buf),
             conn.data,
         )?;
         let (events_tx, events) = unbounded();

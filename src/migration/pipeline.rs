@@ -158,6 +158,8 @@ impl SendPipeline {
             .map(|i| {
                 let (jobs, results) = (jobs_rx.clone(), results_tx.clone());
                 let (memory, streams, limiter) = (memory.clone(), streams.clone(), limiter.clone());
+                // Without RDMA the placement is an always-`None` `Copy` type.
+                #[cfg_attr(not(feature = "rdma"), allow(clippy::clone_on_copy))]
                 let placement = placement.clone();
                 std::thread::Builder::new()
                     .name(format!("page-worker{i}"))

@@ -17,7 +17,7 @@ use crate::vmm::state::VmState;
 /// The control protocol's magic.
 const MAGIC: &[u8; 4] = b"GDWM";
 /// The version this build speaks. Bump it on any change to [`Message`] or the batch format.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The largest control message accepted (a VM state is about 10 KiB a vCPU).
 const MAX_MESSAGE: u64 = 2 << 20;
 
@@ -45,8 +45,16 @@ pub enum Message {
     Accept,
     /// Destination to source: the migration is refused, and why (what to fix).
     Refuse(String),
-    /// Source to destination, right after `Accept`: page data comes on the TCP data streams.
+    /// Source to destination, right after `Accept` or after `RdmaAnswer`: page data comes on
+    /// the TCP data streams (the RDMA set-up, if any, is dropped).
     UseTcp,
+    /// Source to destination, after `RdmaAnswer`: page data comes on the RDMA streams.
+    UseRdma,
+    /// Source to destination, after `RdmaAnswer`: a short burst on each plane follows, TCP
+    /// first, each stream ending with the transport's end-of-burst frame.
+    ProbePlanes,
+    /// Destination to source: one plane's burst has arrived in full.
+    ProbeDrained,
     /// Source to destination, right after `Accept`: the source offers RDMA data streams; its
     /// queue pairs (an opaque, versioned `EndpointInfo` of the transport).
     RdmaOffer(Vec<u8>),
@@ -92,6 +100,9 @@ impl Message {
             Self::Accept => "Accept",
             Self::Refuse(_) => "Refuse",
             Self::UseTcp => "UseTcp",
+            Self::UseRdma => "UseRdma",
+            Self::ProbePlanes => "ProbePlanes",
+            Self::ProbeDrained => "ProbeDrained",
             Self::RdmaOffer(_) => "RdmaOffer",
             Self::RdmaAnswer { .. } => "RdmaAnswer",
             Self::RdmaDecline(_) => "RdmaDecline",

@@ -59,6 +59,17 @@ pub struct PauseSteps {
     pub commit_ms: f64,
 }
 
+/// What the plane probe measured before round 1 (`--transport auto` with RDMA on both hosts).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct PlaneProbe {
+    /// TCP: frames of a full batch on every stream.
+    pub tcp_bytes_per_sec: f64,
+    /// RDMA: WRITEs from registered memory into registered memory on every stream.
+    pub rdma_bytes_per_sec: f64,
+    /// How long each plane's burst lasted.
+    pub burst_ms: f64,
+}
+
 /// Progress while a migration runs.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Progress {
@@ -109,6 +120,9 @@ pub struct Report {
     /// Why RDMA was not used when `--transport auto` wanted it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport_fallback: Option<String>,
+    /// What the plane probe measured, when `--transport auto` had RDMA and TCP to pick from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plane_probe: Option<PlaneProbe>,
     /// On RDMA: how long pinning this host's guest memory took (before the first round).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rdma_registration_ms: Option<f64>,

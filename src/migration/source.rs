@@ -14,7 +14,7 @@ use super::phase::{PhaseLog, SourcePhase};
 use super::pipeline::{RateLimiter, SendPipeline};
 use super::policy::{CompressMode, Decision, Estimates, Limits};
 use super::protocol::{self, Hello, Message};
-use super::report::{Outcome, PauseSteps, PhaseTime, Progress, Report, RoundReport};
+use super::report::{Outcome, PauseSteps, PhaseTime, PlaneProbe, Progress, Report, RoundReport};
 use super::MigrationError;
 use crate::vmm::memory::{DirtyBitmap, PAGE_SIZE};
 use crate::vmm::Vm;
@@ -101,6 +101,7 @@ struct Run<'a> {
     opts: &'a SendOptions,
     transport_name: &'static str,
     fallback: Option<String>,
+    plane_probe: Option<PlaneProbe>,
     registration: Option<Duration>,
     phase: PhaseLog<SourcePhase>,
     estimates: Estimates,
@@ -128,6 +129,7 @@ pub fn migrate(
         opts,
         transport_name: transport.name(),
         fallback: None,
+        plane_probe: None,
         registration: None,
         phase: PhaseLog::new(SourcePhase::Handshake),
         estimates: Estimates::default(),
@@ -206,6 +208,7 @@ pub fn migrate(
         },
         transport: run.transport_name.to_string(),
         transport_fallback: run.fallback.clone(),
+        plane_probe: run.plane_probe,
         rdma_registration_ms: run.registration.map(|d| d.as_secs_f64() * 1e3),
         streams: opts.streams.get(),
         threads: opts.threads.get(),
@@ -284,7 +287,7 @@ impl Run<'_> {
                 sent += frame.len() as u64;
                 Ok(())
             };
-            let mut wait = || inbox.wait("the destination's answer to the RDMA offer", timeout);
+            let mut wait = || inbox.wait("the destination's side of the data plane", timeout);
             let side = SourceSide {
                 mode: self.opts.transport,
                 destination: &self.opts.destination,
@@ -298,9 +301,17 @@ impl Run<'_> {
         };
         self.transport_name = plane.name;
         self.registration = plane.registration;
+        self.plane_probe = plane.probe;
         if let Some(why) = &plane.fallback {
             eprintln!("godwit: using TCP: {why}");
             self.fallback = Some(why.clone());
+        } else if let Some(p) = &plane.probe {
+            eprintln!(
+                "godwit: using RDMA: it moved {:.0} MB/s in a {:.0} ms probe, TCP {:.0} MB/s",
+                p.rdma_bytes_per_sec / 1e6,
+                p.burst_ms,
+                p.tcp_bytes_per_sec / 1e6
+            );
         }
         self.aborts
             .extend(plane.channels.iter().map(|c| c.abort_handle()));

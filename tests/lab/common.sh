@@ -30,17 +30,19 @@ boot_guest() {
     wait_for "$W/serial0.log" "pass=2" 60
 }
 
-# move N FROM_SOCK TO_IP EXTRA...: receive on TO_IP, send, check the report.
+# move N FROM_SOCK TO_IP PLANE EXTRA...: receive on TO_IP, send, check that the report says
+# completed on PLANE (tcp, rdma, or any).
 move() {
-    n=$1 from=$2 to=$3
-    shift 3
+    n=$1 from=$2 to=$3 plane=$4
+    shift 4
     "$G" receive --listen "$to:7000" --api "$W/vm$n.sock" --serial "$W/serial$n.log" 2>"$W/recv$n.err" &
     pids="$pids $!"
     wait_for "$W/recv$n.err" "waiting for a VM" 30
     "$G" send --api "$from" --to "$to:7000" --json --max-downtime 500ms "$@" >"$W/report$n.json" 2>"$W/send$n.err" ||
         fail "move $n: $(cat "$W/report$n.json")"
     grep -q '"outcome":"completed"' "$W/report$n.json" || fail "move $n did not complete"
-    grep -q '"transport":"rdma"' "$W/report$n.json" || fail "move $n did not use RDMA: $(cat "$W/report$n.json")"
+    [ "$plane" = any ] || grep -q "\"transport\":\"$plane\"" "$W/report$n.json" ||
+        fail "move $n did not use $plane: $(cat "$W/report$n.json")"
     echo "move $n: $(sed 's/"round_details".*//' "$W/report$n.json")"
 }
 

@@ -12,7 +12,7 @@ set -eu
 
 boot_guest
 
-move 1 "$W/vm0.sock" "$B" --transport rdma --compress on
+move 1 "$W/vm0.sock" "$B" rdma --transport rdma --compress on
 wait_for "$W/serial1.log" "hb seq" 30
 
 # A receiver killed in the middle of an RDMA migration: the source keeps the VM, intact.
