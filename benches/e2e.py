@@ -96,6 +96,8 @@ def main():
     procs = []
     try:
         work = tempfile.mkdtemp(prefix="godwit-bench-")
+        key = os.path.join(work, "key")
+        subprocess.run([GODWIT, "key", "new", key], check=True, stdout=subprocess.DEVNULL)
         raw = {s: linktest(s, work) for s in sorted({s for s, _ in settings})}
         for s, bw in raw.items():
             print(f"raw TCP bandwidth, {s} stream(s): {bw * 8 / 1e9:.2f} Gb/s", flush=True)
@@ -122,12 +124,13 @@ def main():
                 next_api = os.path.join(work, f"vm{n}-{i + 1}.sock")
                 logs.append(os.path.join(work, f"serial{n}-{i + 1}.log"))
                 rx = subprocess.Popen(on(to, "receive", "--listen", f"{addr(to)}:7000", "--api", next_api,
-                                         "--serial", logs[-1]),
+                                         "--serial", logs[-1], "--key", key, "--id", f"b{n}-{i}"),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 procs.append(rx)
                 time.sleep(0.3)
                 t0 = time.time()
                 out = subprocess.run(on(host, "send", "--api", api, "--to", f"{addr(to)}:7000", "--json",
+                                        "--key", key, "--id", f"b{n}-{i}",
                                         "--streams", str(streams), "--threads", "2", "--compress", compress),
                                      capture_output=True, text=True, timeout=300)
                 r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -22,6 +22,8 @@ set -eu
 BENCH=${1:?usage: rdma_lab_inner.sh BENCH_BINARY [GODWIT_BINARY]}
 G=${2:-$(pwd)/target/release/godwit}
 W=$(mktemp -d)
+KEY=$W/key
+"$G" key new "$KEY" >/dev/null
 A=10.99.0.1
 B=10.99.0.2
 PERF_N=${PERF_N:-64}          # 64 x 512 KiB = 32 MiB per perftest run
@@ -126,11 +128,13 @@ wait_for "$W/serial0.log" "pass=2" 90
 move() {
     n=$1 from=$2 to=$3 label=$4
     shift 4
-    spawn "vm$n" "$G" receive --listen "$to:7000" --api "$W/vm$n.sock" --serial "$W/serial$n.log"
+    spawn "vm$n" "$G" receive --listen "$to:7000" --api "$W/vm$n.sock" --serial "$W/serial$n.log" \
+        --key "$KEY" --id "m$n"
     wait_for "$W/vm$n.err" "waiting for a VM" 30
     rpid=$(cat "$W/vm$n.pid") spid=$(cat "$W/vm$from.pid")
     r0=$(cpu_ticks "$rpid") s0=$(cpu_ticks "$spid")
-    timeout 120 "$G" send --api "$W/vm$from.sock" --to "$to:7000" --json --max-downtime 500ms "$@" \
+    timeout 120 "$G" send --api "$W/vm$from.sock" --to "$to:7000" --json --max-downtime 500ms \
+        --key "$KEY" --id "m$n" "$@" \
         >"$W/report$n.json" 2>"$W/send$n.err" || fail "move $n ($label): $(cat "$W/report$n.json")"
     r1=$(cpu_ticks "$rpid")
     grep -q '"outcome":"completed"' "$W/report$n.json" || fail "move $n did not complete"

@@ -176,14 +176,16 @@ move() {
     upper_from=${from^^}
     upper_to=${to^^}
     section "moving $upper_from -> $upper_to"
+    MOVES=$((MOVES + 1))
     start_godwit "receive-$to" "$to" receive --listen "$to_addr:$PORT" \
-        --api "$to_sock" --serial "$to_serial"
+        --api "$to_sock" --serial "$to_serial" --key "$KEY" --id "demo-$MOVES"
     TO_PID=$STARTED
     wait_for "godwit receive listening on $to_addr:$PORT" "$TO_PID" \
         listening "$LAB-$to" "$to_addr" "$PORT"
     ok "host $upper_to waits for the VM on $to_addr:$PORT"
-    show "ip netns exec $LAB-$from godwit send --api $from_sock --to $to_addr:$PORT"
-    ip netns exec "$LAB-$from" "$GODWIT" send --api "$from_sock" --to "$to_addr:$PORT" |
+    show "ip netns exec $LAB-$from godwit send --api $from_sock --to $to_addr:$PORT --key $KEY --id demo-$MOVES"
+    ip netns exec "$LAB-$from" "$GODWIT" send --api "$from_sock" --to "$to_addr:$PORT" \
+        --key "$KEY" --id "demo-$MOVES" |
         tee "$report" || rc=$?
     ((rc == 0)) || fail "godwit send $upper_from -> $upper_to exited with $rc"
     ok "godwit send exited with 0 (report saved in $report)"
@@ -212,6 +214,11 @@ ok "$GODWIT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/godwit-demo.XXXXXX")
 A_SERIAL=$WORK/serial-a.log # the guest's console on host A (both stays there append to it)
 B_SERIAL=$WORK/serial-b.log
+# Both hosts share one pre-shared key (on real hosts: copy the file over).
+KEY=$WORK/key
+MOVES=0
+show "godwit key new $KEY"
+"$GODWIT" key new "$KEY" >/dev/null || fail "godwit key new"
 
 show "ci/lab.sh up $LAB"
 LAB_UP=1

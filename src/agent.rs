@@ -146,6 +146,9 @@ fn migrate(
         max_bandwidth: m.max_bandwidth,
         transport: m.transport,
         reply_timeout: REPLY_TIMEOUT,
+        key_file: m.key_file.clone(),
+        encrypt_data: m.encrypt_data,
+        migration_id: m.migration_id.clone(),
     };
     // A client that goes away does not stop the migration; it just sees no more progress.
     source::migrate(vm, transport, &opts, cancel, &mut |p| {

@@ -53,6 +53,12 @@ pub struct MigrateRequest {
     pub max_bandwidth: Option<u64>,
     /// Which data plane.
     pub transport: TransportMode,
+    /// The id the destination was started for.
+    pub migration_id: String,
+    /// The pre-shared key file, an absolute path (the VM's process reads it).
+    pub key_file: std::path::PathBuf,
+    /// Whether TCP data streams are encrypted.
+    pub encrypt_data: bool,
 }
 
 /// The VM process's state, as `status` reports it.

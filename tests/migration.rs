@@ -51,6 +51,10 @@ fn receiver(lab: &Lab, h: char, n: usize) -> (VmProcess, String) {
             &serial,
             "--accept-timeout",
             "60s",
+            "--key",
+            &lab.key(),
+            "--id",
+            &format!("m{n}"),
         ],
     );
     (VmProcess::spawn(cmd, api, h, &serial), serial)
@@ -64,10 +68,14 @@ fn wait_listening(serial: &str) {
     });
 }
 
-/// Asks the VM behind `from` to move to the host `to` at port 7000; returns the JSON report.
-fn send(lab: &Lab, from: &VmProcess, to: char, extra: &[&str]) -> serde_json::Value {
+/// Asks the VM behind `from` to move to receiver `n` on host `to` at port 7000; returns the
+/// JSON report.
+fn send(lab: &Lab, from: &VmProcess, to: char, n: usize, extra: &[&str]) -> serde_json::Value {
     let dest = format!("{}:7000", lab.addr(to));
-    let mut args = vec!["send", "--api", &from.api, "--to", &dest, "--json"];
+    let (key, id) = (lab.key(), format!("m{n}"));
+    let mut args = vec![
+        "send", "--api", &from.api, "--to", &dest, "--json", "--key", &key, "--id", &id,
+    ];
     args.extend_from_slice(extra);
     let out = run_bounded(lab.godwit(from.host, &args), MOVE_TIMEOUT);
     report(&out)
@@ -101,7 +109,7 @@ fn the_memory_checker_moves_ten_times_and_stays_intact() {
         logs.push(serial);
         wait_listening(&logs[n]);
         let seq_before = guest(&logs).last_seq;
-        let r = send(&lab, &current, to, &[]);
+        let r = send(&lab, &current, to, n, &[]);
         assert_eq!(r["outcome"], "completed", "move {n}: {r}");
         // This host has no RDMA device: `auto` falls back to TCP and says why.
         assert_eq!(r["transport"], "tcp", "move {n}: {r}");
@@ -172,6 +180,7 @@ fn a_guest_dirtying_faster_than_the_link_fails_cleanly_and_keeps_running() {
         &lab,
         &source,
         'b',
+        1,
         &["--max-bandwidth", "40M", "--max-rounds", "4"],
     );
     assert_eq!(r["outcome"], "failed", "{r}");
@@ -216,6 +225,10 @@ fn killing_the_receiver_mid_migration_leaves_the_vm_on_the_source() {
                 "--to",
                 &dest_addr,
                 "--json",
+                "--key",
+                &lab.key(),
+                "--id",
+                "m1",
                 "--max-bandwidth",
                 "40M",
             ],
@@ -258,7 +271,7 @@ fn requiring_rdma_without_a_device_fails_cleanly_and_keeps_the_vm() {
     wait_checked(&logs, 1);
     wait_listening(&logs[1]);
 
-    let r = send(&lab, &source, 'b', &["--transport", "rdma"]);
+    let r = send(&lab, &source, 'b', 1, &["--transport", "rdma"]);
     assert_eq!(r["outcome"], "failed", "{r}");
     assert_eq!(r["vm_on_source"], true, "{r}");
     let error = r["error"].as_str().unwrap_or_default();
@@ -274,4 +287,70 @@ fn requiring_rdma_without_a_device_fails_cleanly_and_keeps_the_vm() {
     );
     wait_checked(&logs, 1);
     assert!(guest(&logs).healthy());
+}
+
+#[test]
+fn a_wrong_key_or_migration_id_is_refused_and_the_vm_stays_put() {
+    if !common::can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("gwauth", 45);
+    let (mut source, serial0) = boot(&lab, "memcheck", "128M", "hb_ms=20 wss_mb=32");
+    let (mut dest, serial1) = receiver(&lab, 'b', 1);
+    let mut logs = vec![serial0, serial1];
+    wait_checked(&logs, 1);
+    wait_listening(&logs[1]);
+
+    // A source with another key: refused in the handshake, before anything about the VM
+    // crosses; the receiver keeps waiting for its migration.
+    let other = lab.new_key("other-key");
+    let dest_addr = format!("{}:7000", lab.addr('b'));
+    let out = run_bounded(
+        lab.godwit(
+            'a',
+            &[
+                "send",
+                "--api",
+                &source.api,
+                "--to",
+                &dest_addr,
+                "--json",
+                "--key",
+                &other,
+                "--id",
+                "m1",
+            ],
+        ),
+        MOVE_TIMEOUT,
+    );
+    let r = report(&out);
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(r["vm_on_source"], true, "{r}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("same --key file"), "{error}");
+    assert!(source.is_running() && dest.is_running());
+
+    // The right key gets in.
+    let r = send(&lab, &source, 'b', 1, &[]);
+    assert_eq!(r["outcome"], "completed", "{r}");
+    assert!(source.wait_exit(Duration::from_secs(10)).is_some());
+    dest.wait_api();
+
+    // A receiver started for another migration refuses this one; the VM stays where it is.
+    let (mut third, serial2) = receiver(&lab, 'a', 2);
+    wait_listening(&serial2);
+    logs.push(serial2);
+    let r = send(&lab, &dest, 'a', 9, &[]);
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(r["vm_on_source"], true, "{r}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("waits for migration \"m2\""), "{error}");
+    let st = third.wait_exit(Duration::from_secs(10));
+    assert!(st.is_some_and(|s| !s.success()), "{st:?}");
+    assert!(dest.is_running());
+    wait_checked(&logs, 2);
+    let s = guest(&logs);
+    assert!(s.healthy(), "{s:?}");
+    assert_eq!(s.boots, 1, "{s:?}");
 }

@@ -20,6 +20,7 @@ use godwit::migration::report::Outcome;
 use godwit::vmm::devices::SerialSink;
 use godwit::vmm::memory::MemoryLayout;
 use godwit::vmm::{Vm, VmConfig};
+use godwit_transport::secure::{self, AuthOptions, Psk};
 use godwit_transport::{probe, TcpListener, TcpTransport, Transport, TransportListener};
 
 /// How long a link test may run: the receiver gives up on a sender that outlasts it.
@@ -72,6 +73,12 @@ enum Command {
         /// How long to wait for a source.
         #[arg(long, default_value = "120s", value_parser = units::parse_duration)]
         accept_timeout: Duration,
+        /// The migration to accept (letters, digits, `.`, `_`, `-`); a random one is made
+        /// and printed when none is given. The source must name it with `send --id`.
+        #[arg(long, value_parser = parse_migration_id)]
+        id: Option<String>,
+        #[command(flatten)]
+        auth: AuthArgs,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -83,6 +90,11 @@ enum Command {
         /// Destination, HOST:PORT.
         #[arg(long)]
         to: String,
+        /// The migration id the receiver was started with (or printed).
+        #[arg(long, value_parser = parse_migration_id)]
+        id: String,
+        #[command(flatten)]
+        auth: AuthArgs,
         /// Parallel data streams.
         #[arg(long, default_value_t = 2)]
         streams: usize,
@@ -151,6 +163,10 @@ enum Command {
         /// How long to send.
         #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
         duration: Duration,
+        /// Authenticate and encrypt the streams as a migration would (what encryption costs):
+        /// the pre-shared key file, the same on both hosts.
+        #[arg(long)]
+        key: Option<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -160,6 +176,53 @@ enum Command {
         /// Where to write it.
         out: PathBuf,
     },
+    /// Create a pre-shared key file for `send` and `receive --key` (copy it to both hosts).
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+/// What to do with keys.
+#[derive(Subcommand, Debug)]
+enum KeyAction {
+    /// Write a new random key to FILE (mode 600; an existing file is never overwritten).
+    New {
+        /// The key file.
+        file: PathBuf,
+    },
+}
+
+/// How hosts authenticate each other.
+#[derive(clap::Args, Debug)]
+struct AuthArgs {
+    /// The pre-shared key file (`godwit key new`), the same on both hosts.
+    #[arg(long)]
+    key: PathBuf,
+    /// Send TCP data streams unencrypted (still authenticated) on a trusted network; both
+    /// hosts must agree. The control channel is always encrypted.
+    #[arg(long)]
+    no_encrypt: bool,
+}
+
+impl AuthArgs {
+    fn options(&self) -> Result<AuthOptions> {
+        Ok(AuthOptions {
+            key: Psk::from_file(&self.key)?,
+            encrypt_data: !self.no_encrypt,
+        })
+    }
+}
+
+fn parse_migration_id(s: &str) -> std::result::Result<String, String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("a migration id is 1 to 64 letters, digits, '.', '_' or '-'".into())
+    }
 }
 
 /// Options of a process that hosts a VM.
@@ -257,13 +320,26 @@ fn dispatch(cmd: Command) -> Result<i32> {
         Command::Receive {
             listen,
             accept_timeout,
+            id,
+            auth,
             host,
         } => {
+            let auth = auth.options()?;
+            let migration_id = match id {
+                Some(id) => id,
+                None => secure::random_id()?,
+            };
             let mut listener = TcpListener::bind(&listen)?;
-            eprintln!("godwit: waiting for a VM on {}", listener.local_addr());
+            eprintln!(
+                "godwit: waiting for a VM on {} (migration id {migration_id}, key {})",
+                listener.local_addr(),
+                auth.key.fingerprint()
+            );
             let opts = ReceiveOptions {
                 accept_timeout,
                 idle_timeout: Duration::from_secs(60),
+                auth,
+                migration_id,
             };
             let (vm, received) = destination::receive(&mut listener, &opts, serial_sink(host.serial.as_deref())?)
                 .context("the incoming migration failed; nothing runs here, the VM keeps running on its source")?;
@@ -279,6 +355,8 @@ fn dispatch(cmd: Command) -> Result<i32> {
         Command::Send {
             api,
             to,
+            id,
+            auth,
             streams,
             threads,
             compress,
@@ -291,9 +369,14 @@ fn dispatch(cmd: Command) -> Result<i32> {
             if streams == 0 || streams > 64 || threads == 0 || threads > 64 {
                 bail!("--streams and --threads take 1 to 64");
             }
+            // Checked here for a quick, clear error; the VM's process reads the key itself.
+            auth.options()?;
             let mut client = Client::connect(&api)?;
             client.send(&Request::Migrate(MigrateRequest {
                 to,
+                migration_id: id,
+                key_file: std::path::absolute(&auth.key)?,
+                encrypt_data: !auth.no_encrypt,
                 streams,
                 threads,
                 compress,
@@ -367,17 +450,27 @@ fn dispatch(cmd: Command) -> Result<i32> {
             to,
             streams,
             duration,
+            key,
             json,
         } => {
+            let auth = key
+                .map(|k| {
+                    Ok::<_, anyhow::Error>(AuthOptions {
+                        key: Psk::from_file(&k)?,
+                        encrypt_data: true,
+                    })
+                })
+                .transpose()?;
             let transport = TcpTransport;
             let (role, result) = match (listen, to) {
                 (Some(addr), None) => {
                     let mut l = transport.listen(&addr)?;
                     eprintln!("godwit: link test listening on {}", l.local_addr());
-                    (
-                        "receive",
-                        probe::receive(l.accept(Duration::from_secs(120))?, LINKTEST_LIMIT)?,
-                    )
+                    let mut conn = l.accept(Duration::from_secs(120))?;
+                    if let Some(auth) = &auth {
+                        conn = secure::server(conn, auth)?;
+                    }
+                    ("receive", probe::receive(conn, LINKTEST_LIMIT)?)
                 }
                 (None, Some(addr)) => {
                     if duration >= LINKTEST_LIMIT {
@@ -385,7 +478,10 @@ fn dispatch(cmd: Command) -> Result<i32> {
                     }
                     let n = std::num::NonZeroUsize::new(streams)
                         .context("--streams must be at least 1")?;
-                    let conn = transport.connect(&addr, n, &Default::default())?;
+                    let mut conn = transport.connect(&addr, n, &Default::default())?;
+                    if let Some(auth) = &auth {
+                        conn = secure::client(conn, auth)?;
+                    }
                     ("send", probe::send(conn, duration)?)
                 }
                 _ => bail!("give --listen HOST:PORT on one host and --to HOST:PORT on the other"),
@@ -407,6 +503,25 @@ fn dispatch(cmd: Command) -> Result<i32> {
                     result.streams
                 );
             }
+            Ok(0)
+        }
+        Command::Key {
+            action: KeyAction::New { file },
+        } => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let key = Psk::generate()?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .with_context(|| format!("cannot create the key file {}", file.display()))?;
+            f.write_all(key.to_file_text().as_bytes())?;
+            println!(
+                "key {} written to {}; copy it to the other host (keep it mode 600)",
+                key.fingerprint(),
+                file.display()
+            );
             Ok(0)
         }
         Command::ExportGuest { out } => {

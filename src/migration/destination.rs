@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{select, unbounded, Receiver};
+use godwit_transport::secure::{self, AuthOptions};
 use godwit_transport::{Connection, FrameSink, FrameSource, TransportListener};
 
 use super::batch::MemoryLimits;
@@ -26,7 +27,14 @@ pub struct ReceiveOptions {
     /// How long the source may stay silent on every channel before the migration is
     /// abandoned (pre-copy rounds keep data flowing; the control channel waits longer).
     pub idle_timeout: Duration,
+    /// How a source must authenticate.
+    pub auth: AuthOptions,
+    /// The one migration this receiver takes.
+    pub migration_id: String,
 }
+
+/// Connections that fail to authenticate before the receiver gives up.
+const MAX_REFUSED: usize = 32;
 
 /// What the destination saw.
 #[derive(Clone, Debug)]
@@ -47,7 +55,7 @@ pub fn receive(
     opts: &ReceiveOptions,
     serial: SerialSink,
 ) -> Result<(Vm, Received), MigrationError> {
-    let conn = listener.accept(opts.accept_timeout)?;
+    let conn = admit(listener, opts)?;
     let started = Instant::now();
     let aborts: Vec<_> = std::iter::once(&conn.control)
         .chain(&conn.data)
@@ -67,6 +75,28 @@ pub fn receive(
         total: started.elapsed(),
     };
     Ok((vm, received))
+}
+
+/// Accepts connections until one authenticates, within the accept timeout. A stranger, or
+/// a host with another key, is refused (it learns only that) and the receiver keeps waiting
+/// for its migration.
+fn admit(
+    listener: &mut dyn TransportListener,
+    opts: &ReceiveOptions,
+) -> Result<Connection, MigrationError> {
+    let deadline = Instant::now() + opts.accept_timeout;
+    for _ in 0..MAX_REFUSED {
+        let conn = listener.accept(deadline.saturating_duration_since(Instant::now()))?;
+        let peer = conn.control.peer().to_string();
+        match secure::server(conn, &opts.auth) {
+            Ok(conn) => return Ok(conn),
+            Err(e) => eprintln!("godwit: refused a connection from {peer}: {e}"),
+        }
+    }
+    Err(MigrationError::Refused(format!(
+        "{MAX_REFUSED} connections failed to authenticate; restart the receiver once the \
+         source has the right key"
+    )))
 }
 
 struct Session {
@@ -175,6 +205,15 @@ impl Session {
                 })
             }
         };
+        if hello.migration_id != opts.migration_id {
+            let why = format!(
+                "this receiver waits for migration {:?}, not {:?}; give `godwit send --id` the id \
+                 `godwit receive` printed",
+                opts.migration_id, hello.migration_id
+            );
+            let _ = send_message(&mut *control, &Message::Refuse(why.clone()));
+            return Err(MigrationError::Refused(why));
+        }
         if let Err(why) = judge(&hello, data_streams) {
             let _ = send_message(&mut *control, &Message::Refuse(why.clone()));
             return Err(MigrationError::Refused(why));

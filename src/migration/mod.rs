@@ -42,6 +42,9 @@ pub enum MigrationError {
     /// The transport failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The peer did not authenticate, or this side could not.
+    #[error(transparent)]
+    Auth(#[from] godwit_transport::secure::AuthError),
     /// A control message was bad.
     #[error(transparent)]
     Protocol(#[from] protocol::ProtocolError),

@@ -34,6 +34,8 @@ pub struct Hello {
     pub tsc_khz: u32,
     /// Number of data streams that follow the control channel.
     pub streams: u16,
+    /// The migration this is: the destination accepts only the one it was started for.
+    pub migration_id: String,
 }
 
 /// One control message.

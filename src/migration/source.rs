@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
+use godwit_transport::secure::{self, AuthOptions, Psk};
 use godwit_transport::{AbortHandle, ConnectOptions, FrameSink, FrameSource, Transport};
 
 use super::batch::Compression;
@@ -41,6 +42,12 @@ pub struct SendOptions {
     pub max_bandwidth: Option<u64>,
     /// How long to wait for each answer of the destination.
     pub reply_timeout: Duration,
+    /// The pre-shared key file (read when the migration starts).
+    pub key_file: std::path::PathBuf,
+    /// Whether TCP data streams are encrypted (the control channel always is).
+    pub encrypt_data: bool,
+    /// The id the destination was started for.
+    pub migration_id: String,
 }
 
 /// Control messages from the destination, read by a thread so the driver can wait with a
@@ -240,7 +247,11 @@ impl Run<'_> {
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<(), MigrationError> {
-        // Handshake.
+        // Handshake: connect, authenticate, then describe the VM.
+        let auth = AuthOptions {
+            key: Psk::from_file(&self.opts.key_file)?,
+            encrypt_data: self.opts.encrypt_data,
+        };
         let conn = transport.connect(
             &self.opts.destination,
             self.opts.streams,
@@ -254,6 +265,7 @@ impl Run<'_> {
             .chain(&conn.data)
             .map(|c| c.abort_handle())
             .collect();
+        let conn = secure::client(conn, &auth)?;
         let (mut control, ctl_source, _) = conn.control.into_parts();
         let inbox = Inbox::spawn(ctl_source);
         let hello = Hello {
@@ -262,6 +274,7 @@ impl Run<'_> {
             cpuid: self.vm.cpuid().to_vec(),
             tsc_khz: self.vm.tsc_khz(),
             streams: self.opts.streams.get() as u16,
+            migration_id: self.opts.migration_id.clone(),
         };
         self.send(&mut *control, &Message::Hello(Box::new(hello)))?;
         match inbox.wait(

@@ -56,11 +56,30 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("godwit-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        Lab {
+        let lab = Lab {
             name: name.into(),
             subnet,
             dir,
-        }
+        };
+        lab.new_key("key");
+        lab
+    }
+
+    /// Writes a new pre-shared key to `file` in the lab's folder; returns its path.
+    pub fn new_key(&self, file: &str) -> String {
+        let path = self.path(file);
+        let st = Command::new(godwit())
+            .args(["key", "new", &path])
+            .stdout(Stdio::null())
+            .status()
+            .expect("running godwit key new");
+        assert!(st.success(), "godwit key new {path} failed");
+        path
+    }
+
+    /// The key both hosts share.
+    pub fn key(&self) -> String {
+        self.path("key")
     }
 
     /// The address of host `h` ('a' or 'b').

@@ -7,6 +7,8 @@ A=10.99.0.1
 # shellcheck disable=SC2034
 B=10.99.0.2
 pids=""
+KEY=$W/key
+"$G" key new "$KEY" >/dev/null
 cleanup() { for p in $pids; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 fail() { echo "FAIL: $*"; for f in "$W"/*.log "$W"/*.err; do echo "--- $f"; tail -5 "$f"; done; exit 1; }
@@ -35,10 +37,12 @@ boot_guest() {
 move() {
     n=$1 from=$2 to=$3 plane=$4
     shift 4
-    "$G" receive --listen "$to:7000" --api "$W/vm$n.sock" --serial "$W/serial$n.log" 2>"$W/recv$n.err" &
+    "$G" receive --listen "$to:7000" --api "$W/vm$n.sock" --serial "$W/serial$n.log" \
+        --key "$KEY" --id "m$n" 2>"$W/recv$n.err" &
     pids="$pids $!"
     wait_for "$W/recv$n.err" "waiting for a VM" 30
-    "$G" send --api "$from" --to "$to:7000" --json --max-downtime 500ms "$@" >"$W/report$n.json" 2>"$W/send$n.err" ||
+    "$G" send --api "$from" --to "$to:7000" --json --max-downtime 500ms --key "$KEY" --id "m$n" "$@" \
+        >"$W/report$n.json" 2>"$W/send$n.err" ||
         fail "move $n: $(cat "$W/report$n.json")"
     grep -q '"outcome":"completed"' "$W/report$n.json" || fail "move $n did not complete"
     [ "$plane" = any ] || grep -q "\"transport\":\"$plane\"" "$W/report$n.json" ||

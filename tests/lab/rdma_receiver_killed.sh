@@ -16,11 +16,12 @@ move 1 "$W/vm0.sock" "$B" rdma --transport rdma --compress on
 wait_for "$W/serial1.log" "hb seq" 30
 
 # A receiver killed in the middle of an RDMA migration: the source keeps the VM, intact.
-"$G" receive --listen "$A:7000" --api "$W/vm3.sock" --serial "$W/serial3.log" 2>"$W/recv3.err" &
+"$G" receive --listen "$A:7000" --api "$W/vm3.sock" --serial "$W/serial3.log" --key "$KEY" --id m3 \
+    2>"$W/recv3.err" &
 victim=$!
 pids="$pids $victim"
 wait_for "$W/recv3.err" "waiting for a VM" 30
-"$G" send --api "$W/vm1.sock" --to "$A:7000" --json --transport rdma --compress off \
+"$G" send --api "$W/vm1.sock" --to "$A:7000" --json --key "$KEY" --id m3 --transport rdma --compress off \
     --max-bandwidth 1M >"$W/report3.json" 2>"$W/send3.err" &
 sender=$!
 # At 1 MiB/s the first round alone takes over 8 s; kill the receiver inside it.

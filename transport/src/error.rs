@@ -232,6 +232,9 @@ pub enum TransportError {
         /// Whether the channel is unusable from now on.
         broken: bool,
     },
+    /// A sealed frame did not open, or a data stream did not prove its session.
+    #[error("channel security: {0}; abort and retry the migration, and check the network path")]
+    Sealing(String),
     /// A previous receive timed out mid-frame, so frame boundaries are lost.
     #[error(
         "channel with {peer} lost frame sync after a receive timed out mid-frame; \

@@ -34,6 +34,7 @@ mod preamble;
 pub mod probe;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+pub mod secure;
 mod tcp;
 #[cfg(test)]
 mod tests;
@@ -159,6 +160,19 @@ impl Channel {
     /// A handle that can abort this channel after the halves moved elsewhere.
     pub fn abort_handle(&self) -> AbortHandle {
         AbortHandle(Arc::clone(&self.control))
+    }
+
+    /// The same channel with its halves wrapped (say, sealed).
+    pub fn map(
+        self,
+        sink: impl FnOnce(Box<dyn FrameSink>) -> Box<dyn FrameSink>,
+        source: impl FnOnce(Box<dyn FrameSource>) -> Box<dyn FrameSource>,
+    ) -> Channel {
+        Channel {
+            sink: sink(self.sink),
+            source: source(self.source),
+            control: self.control,
+        }
     }
 
     /// Splits the channel so the halves can go to different threads.

@@ -16,7 +16,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs `f` on a thread and fails the test if it does not end in time.
-fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = mpsc::channel();
     let handle = thread::spawn(move || {
         let _ = tx.send(f());
@@ -38,7 +38,7 @@ fn listen() -> (Box<dyn TransportListener>, String) {
 }
 
 /// Connects `streams` data streams; returns (sender side, receiver side).
-fn pair(streams: usize) -> (Connection, Connection) {
+pub(crate) fn pair(streams: usize) -> (Connection, Connection) {
     let (mut l, addr) = listen();
     let n = NonZeroUsize::new(streams).expect("non-zero");
     let client = thread::spawn(move || {
