@@ -19,9 +19,6 @@ use crate::migration::report::{Outcome, Report};
 use crate::migration::source::{self, SendOptions};
 use crate::vmm::{Vm, VmEvent};
 
-/// How long the source waits for each answer from the destination.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Why the agent stopped.
 #[derive(Debug)]
 pub enum AgentExit {
@@ -99,6 +96,9 @@ pub fn serve(
             recv(requests) -> r => {
                 let Ok((req, mut conn)) = r else { continue };
                 match req {
+                    Request::Migrate(_) if state(&status) == "paused" => {
+                        conn.send(&Event::Error { message: IN_DOUBT.into() });
+                    }
                     Request::Migrate(m) => {
                         set_state(&status, "migrating");
                         cancel.store(false, Ordering::Relaxed);
@@ -114,11 +114,42 @@ pub fn serve(
                         conn.send(&Event::Ok);
                         return Ok(AgentExit::Stopped);
                     }
+                    Request::Resume => {
+                        if state(&status) != "paused" {
+                            conn.send(&Event::Error {
+                                message: format!(
+                                    "the VM is {}, not paused in doubt; nothing to resume",
+                                    state(&status)
+                                ),
+                            });
+                            continue;
+                        }
+                        match vm.set_dirty_logging(false).and_then(|()| vm.resume()) {
+                            Ok(()) => {
+                                set_state(&status, "running");
+                                conn.send(&Event::Ok);
+                            }
+                            Err(e) => {
+                                conn.send(&Event::Error {
+                                    message: format!("resuming the VM failed: {e}"),
+                                });
+                            }
+                        }
+                    }
                     Request::Status | Request::Cancel => {}
                 }
             }
         }
     }
+}
+
+/// Why a VM left paused in doubt does not migrate again.
+const IN_DOUBT: &str = "the VM is paused after a migration that ended in doubt: check with \
+    `godwit status` whether the destination runs it; if it does, `godwit stop` this copy, if \
+    not, `godwit resume` it";
+
+fn state(status: &Mutex<Status>) -> String {
+    status.lock().map(|s| s.state.clone()).unwrap_or_default()
 }
 
 fn set_state(status: &Mutex<Status>, state: &str) {
@@ -145,7 +176,7 @@ fn migrate(
         },
         max_bandwidth: m.max_bandwidth,
         transport: m.transport,
-        reply_timeout: REPLY_TIMEOUT,
+        reply_timeout: Duration::from_millis(m.reply_timeout_ms.max(1)),
         key_file: m.key_file.clone(),
         encrypt_data: m.encrypt_data,
         migration_id: m.migration_id.clone(),

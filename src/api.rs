@@ -31,6 +31,9 @@ pub enum Request {
     Cancel,
     /// Stop the VM and its process.
     Stop,
+    /// Run again a VM that a migration left paused in doubt (the operator checked that the
+    /// destination does not run it).
+    Resume,
 }
 
 /// The parameters of a migration.
@@ -59,6 +62,9 @@ pub struct MigrateRequest {
     pub key_file: std::path::PathBuf,
     /// Whether TCP data streams are encrypted.
     pub encrypt_data: bool,
+    /// How long to wait for each answer of the destination, and for a stalled stream, in
+    /// milliseconds.
+    pub reply_timeout_ms: u64,
 }
 
 /// The VM process's state, as `status` reports it.

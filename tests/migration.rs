@@ -5,92 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{guest, last_pass, report, run_bounded, wait_for, Lab, VmProcess, SERIAL};
-
-const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Boots a test guest on host a; returns its process (API ready) and serial log.
-fn boot(lab: &Lab, guest: &str, memory: &str, cmdline: &str) -> (VmProcess, String) {
-    let serial = lab.path("serial-0.log");
-    let api = lab.path("vm-0.sock");
-    let cmd = lab.godwit(
-        'a',
-        &[
-            "run",
-            "--guest",
-            guest,
-            "--memory",
-            memory,
-            "--cmdline",
-            cmdline,
-            "--api",
-            &api,
-            "--serial",
-            &serial,
-        ],
-    );
-    let mut vm = VmProcess::spawn(cmd, api, 'a', &serial);
-    vm.wait_api();
-    (vm, serial)
-}
-
-/// Starts `godwit receive` on host `h`, listening on port 7000 of its address.
-fn receiver(lab: &Lab, h: char, n: usize) -> (VmProcess, String) {
-    let api = lab.path(&format!("vm-{n}.sock"));
-    let serial = lab.path(&format!("serial-{n}.log"));
-    let listen = format!("{}:7000", lab.addr(h));
-    let cmd = lab.godwit(
-        h,
-        &[
-            "receive",
-            "--listen",
-            &listen,
-            "--api",
-            &api,
-            "--serial",
-            &serial,
-            "--accept-timeout",
-            "60s",
-            "--key",
-            &lab.key(),
-            "--id",
-            &format!("m{n}"),
-        ],
-    );
-    (VmProcess::spawn(cmd, api, h, &serial), serial)
-}
-
-/// Waits until the receiver whose serial log is `serial` listens.
-fn wait_listening(serial: &str) {
-    wait_for(Duration::from_secs(10), "the receiver to listen", || {
-        std::fs::read_to_string(format!("{serial}.stderr"))
-            .is_ok_and(|s| s.contains("waiting for a VM"))
-    });
-}
-
-/// Asks the VM behind `from` to move to receiver `n` on host `to` at port 7000; returns the
-/// JSON report.
-fn send(lab: &Lab, from: &VmProcess, to: char, n: usize, extra: &[&str]) -> serde_json::Value {
-    let dest = format!("{}:7000", lab.addr(to));
-    let (key, id) = (lab.key(), format!("m{n}"));
-    let mut args = vec![
-        "send", "--api", &from.api, "--to", &dest, "--json", "--key", &key, "--id", &id,
-    ];
-    args.extend_from_slice(extra);
-    let out = run_bounded(lab.godwit(from.host, &args), MOVE_TIMEOUT);
-    report(&out)
-}
-
-/// Waits until the guest has finished `passes` more memory-check passes (so every page was
-/// read back after the move) and at least one more heartbeat.
-fn wait_checked(logs: &[String], passes: u64) {
-    let (start_pass, start_seq) = (last_pass(logs), guest(logs).last_seq);
-    wait_for(
-        Duration::from_secs(20),
-        "the guest to check its memory again",
-        || last_pass(logs) >= start_pass + passes && guest(logs).last_seq > start_seq,
-    );
-}
+use common::{
+    guest, report, run_bounded, wait_checked, wait_listening, Lab, VmProcess, MOVE_TIMEOUT, SERIAL,
+};
 
 #[test]
 fn the_memory_checker_moves_ten_times_and_stays_intact() {
@@ -99,17 +16,17 @@ fn the_memory_checker_moves_ten_times_and_stays_intact() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwten", 41);
-    let (mut current, serial0) = boot(&lab, "memcheck", "256M", "hb_ms=20 wss_mb=64");
+    let (mut current, serial0) = lab.boot(0, "memcheck", "256M", "hb_ms=20 wss_mb=64", &[]);
     let mut logs = vec![serial0];
     wait_checked(&logs, 2);
 
     for n in 1..=10 {
         let to = if current.host == 'a' { 'b' } else { 'a' };
-        let (mut next, serial) = receiver(&lab, to, n);
+        let (mut next, serial) = lab.receiver(to, n, &[], &[]);
         logs.push(serial);
         wait_listening(&logs[n]);
         let seq_before = guest(&logs).last_seq;
-        let r = send(&lab, &current, to, n, &[]);
+        let r = lab.send(&current, to, n, &[]);
         assert_eq!(r["outcome"], "completed", "move {n}: {r}");
         // This host has no RDMA device: `auto` falls back to TCP and says why.
         assert_eq!(r["transport"], "tcp", "move {n}: {r}");
@@ -170,14 +87,19 @@ fn a_guest_dirtying_faster_than_the_link_fails_cleanly_and_keeps_running() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwfast", 42);
     // 400 MiB/s of page writes over 128 MiB against a 40 MiB/s link.
-    let (mut source, serial0) = boot(&lab, "dirtier", "256M", "hb_ms=20 wss_mb=128 rate_mbps=400");
-    let (mut dest, serial1) = receiver(&lab, 'b', 1);
+    let (mut source, serial0) = lab.boot(
+        0,
+        "dirtier",
+        "256M",
+        "hb_ms=20 wss_mb=128 rate_mbps=400",
+        &[],
+    );
+    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
     let logs = vec![serial0, serial1];
     wait_checked(&logs, 1);
     wait_listening(&logs[1]);
 
-    let r = send(
-        &lab,
+    let r = lab.send(
         &source,
         'b',
         1,
@@ -208,8 +130,14 @@ fn killing_the_receiver_mid_migration_leaves_the_vm_on_the_source() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwkill", 43);
-    let (mut source, serial0) = boot(&lab, "dirtier", "512M", "hb_ms=20 wss_mb=256 rate_mbps=50");
-    let (mut dest, serial1) = receiver(&lab, 'b', 1);
+    let (mut source, serial0) = lab.boot(
+        0,
+        "dirtier",
+        "512M",
+        "hb_ms=20 wss_mb=256 rate_mbps=50",
+        &[],
+    );
+    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
     let logs = vec![serial0, serial1];
     wait_checked(&logs, 1);
 
@@ -265,13 +193,13 @@ fn requiring_rdma_without_a_device_fails_cleanly_and_keeps_the_vm() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwnordma", 44);
-    let (mut source, serial0) = boot(&lab, "memcheck", "128M", "hb_ms=20 wss_mb=32");
-    let (mut dest, serial1) = receiver(&lab, 'b', 1);
+    let (mut source, serial0) = lab.boot(0, "memcheck", "128M", "hb_ms=20 wss_mb=32", &[]);
+    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
     let logs = vec![serial0, serial1];
     wait_checked(&logs, 1);
     wait_listening(&logs[1]);
 
-    let r = send(&lab, &source, 'b', 1, &["--transport", "rdma"]);
+    let r = lab.send(&source, 'b', 1, &["--transport", "rdma"]);
     assert_eq!(r["outcome"], "failed", "{r}");
     assert_eq!(r["vm_on_source"], true, "{r}");
     let error = r["error"].as_str().unwrap_or_default();
@@ -296,8 +224,8 @@ fn a_wrong_key_or_migration_id_is_refused_and_the_vm_stays_put() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwauth", 45);
-    let (mut source, serial0) = boot(&lab, "memcheck", "128M", "hb_ms=20 wss_mb=32");
-    let (mut dest, serial1) = receiver(&lab, 'b', 1);
+    let (mut source, serial0) = lab.boot(0, "memcheck", "128M", "hb_ms=20 wss_mb=32", &[]);
+    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
     let mut logs = vec![serial0, serial1];
     wait_checked(&logs, 1);
     wait_listening(&logs[1]);
@@ -332,16 +260,16 @@ fn a_wrong_key_or_migration_id_is_refused_and_the_vm_stays_put() {
     assert!(source.is_running() && dest.is_running());
 
     // The right key gets in.
-    let r = send(&lab, &source, 'b', 1, &[]);
+    let r = lab.send(&source, 'b', 1, &[]);
     assert_eq!(r["outcome"], "completed", "{r}");
     assert!(source.wait_exit(Duration::from_secs(10)).is_some());
     dest.wait_api();
 
     // A receiver started for another migration refuses this one; the VM stays where it is.
-    let (mut third, serial2) = receiver(&lab, 'a', 2);
+    let (mut third, serial2) = lab.receiver('a', 2, &[], &[]);
     wait_listening(&serial2);
     logs.push(serial2);
-    let r = send(&lab, &dest, 'a', 9, &[]);
+    let r = lab.send(&dest, 'a', 9, &[]);
     assert_eq!(r["outcome"], "failed", "{r}");
     assert_eq!(r["vm_on_source"], true, "{r}");
     let error = r["error"].as_str().unwrap_or_default();

@@ -73,6 +73,9 @@ enum Command {
         /// How long to wait for a source.
         #[arg(long, default_value = "120s", value_parser = units::parse_duration)]
         accept_timeout: Duration,
+        /// How long the source may stay silent before the incoming migration is abandoned.
+        #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
+        idle_timeout: Duration,
         /// The migration to accept (letters, digits, `.`, `_`, `-`); a random one is made
         /// and printed when none is given. The source must name it with `send --id`.
         #[arg(long, value_parser = parse_migration_id)]
@@ -113,6 +116,10 @@ enum Command {
         /// Cap on the transfer rate, e.g. 100M (bytes per second).
         #[arg(long, value_parser = units::parse_size)]
         max_bandwidth: Option<u64>,
+        /// How long to wait for each answer of the destination, and for a stream that makes
+        /// no progress, before the migration fails (and the VM runs on here).
+        #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
+        reply_timeout: Duration,
         /// Data plane: auto uses RDMA when both hosts have a device for the addresses in use,
         /// and says why when it falls back to TCP.
         #[arg(long, value_enum, default_value = "auto")]
@@ -129,6 +136,13 @@ enum Command {
     },
     /// Cancel a VM's migration in progress; the VM keeps running where it is.
     Cancel {
+        /// The VM's API socket.
+        #[arg(long)]
+        api: PathBuf,
+    },
+    /// Run again a VM that a migration left paused in doubt, once `godwit status` on the
+    /// destination shows that it does not run there.
+    Resume {
         /// The VM's API socket.
         #[arg(long)]
         api: PathBuf,
@@ -320,6 +334,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
         Command::Receive {
             listen,
             accept_timeout,
+            idle_timeout,
             id,
             auth,
             host,
@@ -337,7 +352,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
             );
             let opts = ReceiveOptions {
                 accept_timeout,
-                idle_timeout: Duration::from_secs(60),
+                idle_timeout,
                 auth,
                 migration_id,
             };
@@ -363,6 +378,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
             max_downtime,
             max_rounds,
             max_bandwidth,
+            reply_timeout,
             transport,
             json,
         } => {
@@ -377,6 +393,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
                 migration_id: id,
                 key_file: std::path::absolute(&auth.key)?,
                 encrypt_data: !auth.no_encrypt,
+                reply_timeout_ms: reply_timeout.as_millis() as u64,
                 streams,
                 threads,
                 compress,
@@ -418,6 +435,14 @@ fn dispatch(cmd: Command) -> Result<i32> {
         Command::Cancel { api } => match request(&api, Request::Cancel)? {
             Event::Ok => {
                 println!("cancel requested; the VM stays on its source");
+                Ok(0)
+            }
+            Event::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer {other:?}"),
+        },
+        Command::Resume { api } => match request(&api, Request::Resume)? {
+            Event::Ok => {
+                println!("the VM runs here again");
                 Ok(0)
             }
             Event::Error { message } => bail!("{message}"),

@@ -11,6 +11,7 @@ use godwit_transport::{Connection, FrameSink, FrameSource, TransportListener};
 
 use super::batch::MemoryLimits;
 use super::dataplane;
+use super::faults;
 use super::phase::{DestinationPhase, PhaseLog};
 use super::pipeline::{spawn_receivers, StreamEvent};
 use super::protocol::{self, Hello, Message};
@@ -318,6 +319,7 @@ impl Session {
                 })
             }
         }
+        faults::hold("destination-commit");
         vm.resume()?;
         self.go(DestinationPhase::Running);
         // The VM runs here now whatever happens to this message; the source releases on it.

@@ -25,6 +25,7 @@
 pub mod batch;
 pub mod dataplane;
 pub mod destination;
+pub mod faults;
 pub mod phase;
 pub mod pipeline;
 pub mod policy;
@@ -80,8 +81,13 @@ pub enum MigrationError {
         secs: u64,
     },
     /// The pipeline made no progress.
-    #[error("no progress for 30 s while {0}; the link or the peer is stalled")]
-    Stalled(&'static str),
+    #[error("no progress for {secs} s while {what}; the link or the peer is stalled")]
+    Stalled {
+        /// What made no progress.
+        what: &'static str,
+        /// For how long.
+        secs: u64,
+    },
     /// The operator cancelled.
     #[error("cancelled by the operator")]
     Cancelled,

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, SendTimeoutError, Sender};
 use godwit_transport::{FrameSink, FrameSource};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -125,6 +125,8 @@ pub struct SendPipeline {
     results: Receiver<Result<BatchStats, MigrationError>>,
     streams: Arc<Vec<Mutex<Stream>>>,
     workers: Vec<JoinHandle<()>>,
+    /// How long a round may make no progress before it fails.
+    stall: Duration,
 }
 
 impl std::fmt::Debug for SendPipeline {
@@ -137,13 +139,15 @@ impl std::fmt::Debug for SendPipeline {
 }
 
 impl SendPipeline {
-    /// Starts `workers` threads that read `memory` and send on `sinks`.
+    /// Starts `workers` threads that read `memory` and send on `sinks`; a round that makes
+    /// no progress for `stall` fails.
     pub fn new(
         memory: GuestMemory,
         sinks: Vec<Box<dyn FrameSink>>,
         workers: usize,
         limiter: Option<RateLimiter>,
         placement: Placement,
+        stall: Duration,
     ) -> Self {
         let streams: Arc<Vec<Mutex<Stream>>> = Arc::new(
             sinks
@@ -172,6 +176,7 @@ impl SendPipeline {
             results: results_rx,
             streams,
             workers,
+            stall,
         }
     }
 
@@ -197,9 +202,14 @@ impl SendPipeline {
          -> Result<(), MigrationError> {
             loop {
                 let r = if block {
-                    match self.results.recv_timeout(Duration::from_secs(30)) {
+                    match self.results.recv_timeout(self.stall) {
                         Ok(r) => r,
-                        Err(_) => return Err(MigrationError::Stalled("sending pages")),
+                        Err(_) => {
+                            return Err(MigrationError::Stalled {
+                                what: "sending pages",
+                                secs: self.stall.as_secs(),
+                            })
+                        }
                     }
                 } else {
                     match self.results.try_recv() {
@@ -220,13 +230,20 @@ impl SendPipeline {
                         batch: Vec<u64>,
                         outstanding: &mut usize|
          -> Result<(), MigrationError> {
-            jobs.send(Job {
+            let job = Job {
                 round,
                 stream,
                 pages: batch,
                 compression,
-            })
-            .map_err(|_| MigrationError::PipelineClosed)?;
+            };
+            // Workers stuck on a dead link stop taking jobs: fail rather than wait forever.
+            jobs.send_timeout(job, self.stall).map_err(|e| match e {
+                SendTimeoutError::Timeout(_) => MigrationError::Stalled {
+                    what: "sending pages",
+                    secs: self.stall.as_secs(),
+                },
+                SendTimeoutError::Disconnected(_) => MigrationError::PipelineClosed,
+            })?;
             *outstanding += 1;
             Ok(())
         };

@@ -11,6 +11,7 @@ use godwit_transport::{AbortHandle, ConnectOptions, FrameSink, FrameSource, Tran
 
 use super::batch::Compression;
 use super::dataplane::{self, SourceSide, TransportMode};
+use super::faults;
 use super::phase::{PhaseLog, SourcePhase};
 use super::pipeline::{RateLimiter, SendPipeline};
 use super::policy::{CompressMode, Decision, Estimates, Limits};
@@ -66,7 +67,7 @@ impl Inbox {
             Ok(r) => r,
             Err(_) => Err(MigrationError::Timeout {
                 what,
-                secs: timeout.as_secs(),
+                secs: timeout.as_secs_f64().round() as u64,
             }),
         }
     }
@@ -121,6 +122,17 @@ struct Run<'a> {
     aborts: Vec<AbortHandle>,
 }
 
+/// Shuts every channel down when dropped.
+struct ShutdownOnDrop(Vec<AbortHandle>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        for a in &self.0 {
+            let _ = a.shutdown();
+        }
+    }
+}
+
 /// Moves `vm` to the destination. On `Completed` the caller must release the VM (it is paused
 /// and the destination runs it); on any other outcome the report says whether it runs here.
 pub fn migrate(
@@ -165,11 +177,14 @@ pub fn migrate(
                 SourcePhase::Failed
             };
             run.phase.go(next, SourcePhase::can_go_to);
-            // Resume first: the guest must run again even if turning the log off fails.
-            let resumed = run
+            // The log goes off with the vCPUs out of the guest (a pause of well under a
+            // millisecond when the failure came in pre-copy), and the guest runs again even
+            // if that fails.
+            let logging_off = run
                 .vm
-                .resume()
+                .pause()
                 .and_then(|()| run.vm.set_dirty_logging(false));
+            let resumed = run.vm.resume().and(logging_off);
             let error = match resumed {
                 Ok(()) => format!("{e}; the VM keeps running on the source"),
                 Err(r) => format!("{e}; resuming the VM on the source also failed: {r}"),
@@ -185,7 +200,8 @@ pub fn migrate(
             run.phase.go(SourcePhase::Failed, SourcePhase::can_go_to);
             let error = format!(
                 "{e} after the commit: the destination may be running the VM, so it stays paused here; \
-                 check the destination (godwit status), then stop this copy or resume it"
+                 check the destination (`godwit status`): if it runs the VM, `godwit stop` this copy, \
+                 if not, `godwit resume` it"
             );
             (Outcome::Failed, Some(error), false)
         }
@@ -265,6 +281,11 @@ impl Run<'_> {
             .chain(&conn.data)
             .map(|c| c.abort_handle())
             .collect();
+        // A write into a dead link fails in bounded time instead of hanging the migration.
+        for c in std::iter::once(&conn.control).chain(&conn.data) {
+            c.set_write_timeout(Some(self.opts.reply_timeout))?;
+        }
+        faults::hold("source-handshake");
         let conn = secure::client(conn, &auth)?;
         let (mut control, ctl_source, _) = conn.control.into_parts();
         let inbox = Inbox::spawn(ctl_source);
@@ -344,7 +365,11 @@ impl Run<'_> {
             self.opts.threads.get(),
             limiter,
             placement,
+            self.opts.reply_timeout,
         );
+        // Dropped before the pipeline: on any early return, a page worker blocked on a dead
+        // link is woken before the pipeline waits for it.
+        let _shutdown = ShutdownOnDrop(self.aborts.clone());
 
         // Pre-copy.
         self.vm.set_dirty_logging(true)?;
@@ -361,6 +386,11 @@ impl Run<'_> {
             let pages = dirty.count();
             let stats =
                 self.send_round(&mut pipeline, round, &dirty, compression, cancel, progress)?;
+            match round {
+                1 => faults::hold("source-round-1"),
+                2 => faults::hold("source-round-2"),
+                _ => {}
+            }
             inbox.wait_applied(round, self.opts.reply_timeout)?;
             let took = started.elapsed();
             dirty = self.vm.take_dirty()?;
@@ -402,6 +432,7 @@ impl Run<'_> {
         let pause = Instant::now();
         self.paused_at = Some(pause);
         self.vm.pause()?;
+        faults::hold("source-paused");
         // What the last pre-copy round left dirty, and what the guest wrote since.
         dirty.merge(&self.vm.take_dirty()?);
         let final_round = round + 1;
@@ -442,6 +473,7 @@ impl Run<'_> {
         // The point of no return.
         self.go(SourcePhase::Committed);
         self.send(&mut *control, &Message::Commit)?;
+        faults::hold("source-committed");
         match inbox.wait("the destination to resume the VM", self.opts.reply_timeout)? {
             Message::Resumed => {}
             m => {

@@ -12,6 +12,27 @@ use std::time::{Duration, Instant};
 
 use godwit::heartbeat::{self, Summary};
 
+/// The longest a migration may take in a test.
+pub const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until the receiver whose serial log is `serial` listens.
+pub fn wait_listening(serial: &str) {
+    wait_for(Duration::from_secs(10), "the receiver to listen", || {
+        std::fs::read_to_string(format!("{serial}.stderr"))
+            .is_ok_and(|s| s.contains("waiting for a VM"))
+    });
+}
+
+/// Waits until the guest has checked all its memory `passes` more times.
+pub fn wait_checked(logs: &[String], passes: u64) {
+    let (start_pass, start_seq) = (last_pass(logs), guest(logs).last_seq);
+    wait_for(
+        Duration::from_secs(20),
+        "the guest to check its memory again",
+        || last_pass(logs) >= start_pass + passes && guest(logs).last_seq > start_seq,
+    );
+}
+
 /// The end-to-end tests share two cores: one at a time.
 pub static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -77,9 +98,105 @@ impl Lab {
         path
     }
 
+    /// Host `h`'s network namespace.
+    pub fn namespace(&self, h: char) -> String {
+        format!("{}-{h}", self.name)
+    }
+
+    /// Host `h`'s end of the link.
+    pub fn veth(&self, h: char) -> String {
+        format!("{}-v{h}", self.name)
+    }
+
     /// The key both hosts share.
     pub fn key(&self) -> String {
         self.path("key")
+    }
+
+    /// Boots a test guest on host a as VM process `n` with extra environment `env`; returns
+    /// its process (API ready) and serial log.
+    pub fn boot(
+        &self,
+        n: usize,
+        guest: &str,
+        memory: &str,
+        cmdline: &str,
+        env: &[(&str, &str)],
+    ) -> (VmProcess, String) {
+        let serial = self.path(&format!("serial-{n}.log"));
+        let api = self.path(&format!("vm-{n}.sock"));
+        let mut cmd = self.godwit(
+            'a',
+            &[
+                "run",
+                "--guest",
+                guest,
+                "--memory",
+                memory,
+                "--cmdline",
+                cmdline,
+                "--api",
+                &api,
+                "--serial",
+                &serial,
+            ],
+        );
+        cmd.envs(env.iter().copied());
+        let mut vm = VmProcess::spawn(cmd, api, 'a', &serial);
+        vm.wait_api();
+        (vm, serial)
+    }
+
+    /// Starts `godwit receive` as VM process `n` on host `h`, listening on port 7000 of its
+    /// address for migration `m{n}`, with `extra` arguments and environment `env`.
+    pub fn receiver(
+        &self,
+        h: char,
+        n: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (VmProcess, String) {
+        let api = self.path(&format!("vm-{n}.sock"));
+        let serial = self.path(&format!("serial-{n}.log"));
+        let listen = format!("{}:7000", self.addr(h));
+        let (key, id) = (self.key(), format!("m{n}"));
+        let mut args = vec![
+            "receive",
+            "--listen",
+            &listen,
+            "--api",
+            &api,
+            "--serial",
+            &serial,
+            "--accept-timeout",
+            "60s",
+            "--key",
+            &key,
+            "--id",
+            &id,
+        ];
+        args.extend_from_slice(extra);
+        let mut cmd = self.godwit(h, &args);
+        cmd.envs(env.iter().copied());
+        (VmProcess::spawn(cmd, api, h, &serial), serial)
+    }
+
+    /// Asks the VM behind `from` to move to receiver `n` on host `to` at port 7000; returns
+    /// the JSON report.
+    pub fn send(&self, from: &VmProcess, to: char, n: usize, extra: &[&str]) -> serde_json::Value {
+        let out = run_bounded(self.send_command(from, to, n, extra), MOVE_TIMEOUT);
+        report(&out)
+    }
+
+    /// The `godwit send` command of [`Lab::send`].
+    pub fn send_command(&self, from: &VmProcess, to: char, n: usize, extra: &[&str]) -> Command {
+        let dest = format!("{}:7000", self.addr(to));
+        let (key, id) = (self.key(), format!("m{n}"));
+        let mut args = vec![
+            "send", "--api", &from.api, "--to", &dest, "--json", "--key", &key, "--id", &id,
+        ];
+        args.extend_from_slice(extra);
+        self.godwit(from.host, &args)
     }
 
     /// The address of host `h` ('a' or 'b').

@@ -97,6 +97,13 @@ pub trait ChannelControl: Send + Sync {
     /// Sets how long [`FrameSource::recv`] may block (`None`: forever).
     fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError>;
 
+    /// Sets how long one write of [`FrameSink::send`] may block on a peer that takes nothing
+    /// (`None`: forever). Transports whose sends are bounded anyway (RDMA's send timeout)
+    /// keep this default.
+    fn set_write_timeout(&self, _timeout: Option<Duration>) -> Result<(), TransportError> {
+        Ok(())
+    }
+
     /// The peer's address, for messages.
     fn peer(&self) -> &str;
 }
@@ -150,6 +157,11 @@ impl Channel {
     /// Sets how long a receive may block (`None`: forever).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
         self.control.set_read_timeout(timeout)
+    }
+
+    /// Sets how long one write may block (`None`: forever).
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        self.control.set_write_timeout(timeout)
     }
 
     /// The peer's address.

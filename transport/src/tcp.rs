@@ -66,6 +66,13 @@ impl ChannelControl for TcpControl {
             .map_err(|e| TransportError::io("setting the read timeout", &self.peer, e))
     }
 
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
+        self.stream
+            .set_write_timeout(timeout)
+            .map_err(|e| TransportError::io("setting the write timeout", &self.peer, e))
+    }
+
     fn peer(&self) -> &str {
         &self.peer
     }
