@@ -142,25 +142,8 @@ fn killing_the_receiver_mid_migration_leaves_the_vm_on_the_source() {
     wait_checked(&logs, 1);
 
     // A slow link keeps the first round going for seconds; kill the receiver inside it.
-    let dest_addr = format!("{}:7000", lab.addr('b'));
     let mut sender = VmProcess::spawn(
-        lab.godwit(
-            'a',
-            &[
-                "send",
-                "--api",
-                &source.api,
-                "--to",
-                &dest_addr,
-                "--json",
-                "--key",
-                &lab.key(),
-                "--id",
-                "m1",
-                "--max-bandwidth",
-                "40M",
-            ],
-        ),
+        lab.send_command(&source, 'b', 1, &["--max-bandwidth", "40M"]),
         String::new(),
         'a',
         &lab.path("send"),
@@ -233,23 +216,8 @@ fn a_wrong_key_or_migration_id_is_refused_and_the_vm_stays_put() {
     // A source with another key: refused in the handshake, before anything about the VM
     // crosses; the receiver keeps waiting for its migration.
     let other = lab.new_key("other-key");
-    let dest_addr = format!("{}:7000", lab.addr('b'));
     let out = run_bounded(
-        lab.godwit(
-            'a',
-            &[
-                "send",
-                "--api",
-                &source.api,
-                "--to",
-                &dest_addr,
-                "--json",
-                "--key",
-                &other,
-                "--id",
-                "m1",
-            ],
-        ),
+        lab.send_command_with_key(&source, 'b', 1, &other, &[]),
         MOVE_TIMEOUT,
     );
     let r = report(&out);

@@ -190,10 +190,22 @@ impl Lab {
 
     /// The `godwit send` command of [`Lab::send`].
     pub fn send_command(&self, from: &VmProcess, to: char, n: usize, extra: &[&str]) -> Command {
+        self.send_command_with_key(from, to, n, &self.key(), extra)
+    }
+
+    /// The same with another key file.
+    pub fn send_command_with_key(
+        &self,
+        from: &VmProcess,
+        to: char,
+        n: usize,
+        key: &str,
+        extra: &[&str],
+    ) -> Command {
         let dest = format!("{}:7000", self.addr(to));
-        let (key, id) = (self.key(), format!("m{n}"));
+        let id = format!("m{n}");
         let mut args = vec![
-            "send", "--api", &from.api, "--to", &dest, "--json", "--key", &key, "--id", &id,
+            "send", "--api", &from.api, "--to", &dest, "--json", "--key", key, "--id", &id,
         ];
         args.extend_from_slice(extra);
         self.godwit(from.host, &args)
