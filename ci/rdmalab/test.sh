@@ -2,7 +2,8 @@
 # The RDMA tests, on real verbs: builds the soft-RoCE lab (cached) and the release binaries on
 # the host, then runs inside ONE boot of the lab VM (a boot costs 7-10 s), where rxe0
 # (10.99.0.1) and rxe1 (10.99.0.2) exist: the transport's verbs and channel tests, then a live
-# migration of a running KVM guest over rxe (tests/lab/rdma_migration.sh). Exits non-zero when the lab could
+# migration of a running KVM guest over rxe (tests/lab/rdma_migration.sh), and one whose
+# receiver is killed mid-way (tests/lab/rdma_receiver_killed.sh). Exits non-zero when the lab could
 # not boot or any test failed. Called by ci/test.sh; needs root.
 #
 #   ci/rdmalab/test.sh
@@ -29,7 +30,7 @@ cargo build --release --bin godwit
 echo "rdmalab/test.sh: running the RDMA tests inside the lab VM" >&2
 rc=0
 ci/rdmalab/run.sh --timeout 600 -- sh -c \
-    "$bin rdma:: --test-threads=1 && tests/lab/rdma_migration.sh" || rc=$?
+    "$bin rdma:: --test-threads=1 && tests/lab/rdma_migration.sh && tests/lab/rdma_receiver_killed.sh" || rc=$?
 if ((rc == 125)); then
     echo "rdmalab/test.sh: THE LAB VM DID NOT BOOT, so the RDMA tests did not run (see above)" >&2
 fi
