@@ -177,7 +177,7 @@ fn migrate(
         max_bandwidth: m.max_bandwidth,
         transport: m.transport,
         reply_timeout: Duration::from_millis(m.reply_timeout_ms.max(1)),
-        key_file: m.key_file.clone(),
+        auth: m.auth.clone(),
         encrypt_data: m.encrypt_data,
         migration_id: m.migration_id.clone(),
     };

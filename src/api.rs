@@ -7,9 +7,10 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use godwit_transport::secure::{AuthError, Credentials, Psk, TlsIdentity};
 use serde::{Deserialize, Serialize};
 
 use crate::migration::dataplane::TransportMode;
@@ -58,13 +59,42 @@ pub struct MigrateRequest {
     pub transport: TransportMode,
     /// The id the destination was started for.
     pub migration_id: String,
-    /// The pre-shared key file, an absolute path (the VM's process reads it).
-    pub key_file: std::path::PathBuf,
+    /// What the VM's process authenticates with (absolute paths; it reads the files).
+    pub auth: AuthFiles,
     /// Whether TCP data streams are encrypted.
     pub encrypt_data: bool,
     /// How long to wait for each answer of the destination, and for a stalled stream, in
     /// milliseconds.
     pub reply_timeout_ms: u64,
+}
+
+/// The files a host authenticates with.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum AuthFiles {
+    /// A pre-shared key file (`godwit key new`).
+    Key(PathBuf),
+    /// This host's certificate and private key, and the CA's certificate (`godwit ca`).
+    Certificate {
+        /// The host's certificate (PEM).
+        cert: PathBuf,
+        /// Its private key (PEM, mode 600).
+        key: PathBuf,
+        /// The CA's certificate (PEM).
+        ca: PathBuf,
+    },
+}
+
+impl AuthFiles {
+    /// Reads the files.
+    pub fn load(&self) -> Result<Credentials, AuthError> {
+        Ok(match self {
+            AuthFiles::Key(k) => Credentials::Key(Psk::from_file(k)?),
+            AuthFiles::Certificate { cert, key, ca } => {
+                Credentials::Certificate(TlsIdentity::load(cert, key, ca)?)
+            }
+        })
+    }
 }
 
 /// The VM process's state, as `status` reports it.

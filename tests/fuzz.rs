@@ -17,7 +17,7 @@ use godwit::migration::batch::{
 };
 use godwit::migration::protocol::{self, Hello, Message};
 use godwit::vmm::memory::MemoryLayout;
-use godwit_transport::secure::{self, AuthOptions, Psk, SealedSink, SealedSource};
+use godwit_transport::secure::{self, AuthOptions, Credentials, Psk, SealedSink, SealedSource};
 use godwit_transport::{
     Channel, ChannelControl, Connection, FrameSink, FrameSource, TransportError,
 };
@@ -255,7 +255,7 @@ fn sealed_frames_from_a_stranger_never_open() {
 fn the_key_handshake_refuses_what_it_cannot_verify() {
     let key = Psk::generate().expect("key");
     let opts = AuthOptions {
-        key: key.clone(),
+        credentials: Credentials::Key(key.clone()),
         encrypt_data: true,
     };
     // A real first message (from a real client) seeds the mutations.

@@ -217,7 +217,7 @@ fn a_wrong_key_or_migration_id_is_refused_and_the_vm_stays_put() {
     // crosses; the receiver keeps waiting for its migration.
     let other = lab.new_key("other-key");
     let out = run_bounded(
-        lab.send_command_with_key(&source, 'b', 1, &other, &[]),
+        lab.send_command_with(&source, 'b', 1, &["--key".into(), other], &[]),
         MOVE_TIMEOUT,
     );
     let r = report(&out);
@@ -249,4 +249,68 @@ fn a_wrong_key_or_migration_id_is_refused_and_the_vm_stays_put() {
     let s = guest(&logs);
     assert!(s.healthy(), "{s:?}");
     assert_eq!(s.boots, 1, "{s:?}");
+}
+
+#[test]
+fn certificates_from_the_operator_ca_move_a_vm_and_a_stranger_ca_is_refused() {
+    if !common::can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::up("gwtls", 47);
+    lab.use_certificates();
+    let (mut source, serial0) = lab.boot(0, "memcheck", "128M", "hb_ms=20 wss_mb=32", &[]);
+    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
+    let logs = vec![serial0, serial1];
+    wait_checked(&logs, 1);
+    wait_listening(&logs[1]);
+
+    // A certificate from another CA (say, another cluster's) gets nothing.
+    let other = lab.path("other-ca");
+    let out = lab.path("stranger");
+    for args in [
+        vec!["ca", "new", other.as_str()],
+        vec![
+            "ca",
+            "issue",
+            "--ca-dir",
+            &other,
+            "--ip",
+            "10.77.47.1",
+            "--out",
+            &out,
+        ],
+    ] {
+        assert!(run_bounded(lab.godwit('a', &args), MOVE_TIMEOUT)
+            .status
+            .success());
+    }
+    let stranger = [
+        "--cert".to_string(),
+        format!("{out}.pem"),
+        "--cert-key".into(),
+        format!("{out}.key"),
+        "--ca".into(),
+        format!("{other}/ca.pem"),
+    ];
+    let r = report(&run_bounded(
+        lab.send_command_with(&source, 'b', 1, &stranger, &[]),
+        MOVE_TIMEOUT,
+    ));
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(r["vm_on_source"], true, "{r}");
+    assert!(
+        r["error"].as_str().unwrap_or_default().contains("TLS"),
+        "{r}"
+    );
+    assert!(source.is_running() && dest.is_running());
+
+    // The host's own certificate gets in, over sealed streams.
+    let r = lab.send(&source, 'b', 1, &[]);
+    assert_eq!(r["outcome"], "completed", "{r}");
+    assert!(source.wait_exit(Duration::from_secs(10)).is_some());
+    dest.wait_api();
+    wait_checked(&logs, 1);
+    let s = guest(&logs);
+    assert!(s.healthy() && s.boots == 1, "{s:?}");
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use godwit::agent::{self, AgentExit};
-use godwit::api::{Client, Event, MigrateRequest, Request};
+use godwit::api::{AuthFiles, Client, Event, MigrateRequest, Request};
 use godwit::heartbeat;
 use godwit::migration::dataplane::TransportMode;
 use godwit::migration::destination::{self, ReceiveOptions};
@@ -20,7 +20,7 @@ use godwit::migration::report::Outcome;
 use godwit::vmm::devices::SerialSink;
 use godwit::vmm::memory::MemoryLayout;
 use godwit::vmm::{Vm, VmConfig};
-use godwit_transport::secure::{self, AuthOptions, Psk};
+use godwit_transport::secure::{self, AuthOptions, Credentials, Psk};
 use godwit_transport::{probe, TcpListener, TcpTransport, Transport, TransportListener};
 
 /// How long a link test may run: the receiver gives up on a sender that outlasts it.
@@ -195,6 +195,50 @@ enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// Certificates instead of a shared key: an operator CA, and a certificate per host.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
+}
+
+/// What to do with the CA.
+#[derive(Subcommand, Debug)]
+enum CaAction {
+    /// Make a CA in DIR: ca.pem (give it to every host as --ca) and ca.key (keep it safe).
+    New {
+        /// A new or empty folder.
+        dir: PathBuf,
+    },
+    /// Issue a certificate for one host, signed by the CA in --ca-dir: OUT.pem (--cert) and
+    /// OUT.key (--cert-key). Name every address other hosts use to reach it.
+    Issue {
+        /// The folder `ca new` made.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// An IP address of the host (repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// A DNS name of the host (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// Where to write: OUT.pem and OUT.key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Writes a new file; a secret one gets mode 600. Never overwrites.
+fn write_new(path: &Path, text: &str, secret: bool) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// What to do with keys.
@@ -207,12 +251,22 @@ enum KeyAction {
     },
 }
 
-/// How hosts authenticate each other.
+/// How hosts authenticate each other: a shared key, or certificates from one CA.
 #[derive(clap::Args, Debug)]
+#[group(required = true, multiple = true)]
 struct AuthArgs {
     /// The pre-shared key file (`godwit key new`), the same on both hosts.
-    #[arg(long)]
-    key: PathBuf,
+    #[arg(long, conflicts_with_all = ["cert", "cert_key", "ca"])]
+    key: Option<PathBuf>,
+    /// This host's certificate (`godwit ca issue`); with --cert-key and --ca.
+    #[arg(long, requires_all = ["cert_key", "ca"])]
+    cert: Option<PathBuf>,
+    /// This host's certificate's private key (mode 600).
+    #[arg(long, requires_all = ["cert", "ca"])]
+    cert_key: Option<PathBuf>,
+    /// The CA certificate both hosts' certificates come from (`godwit ca new`).
+    #[arg(long, requires_all = ["cert", "cert_key"])]
+    ca: Option<PathBuf>,
     /// Send TCP data streams unencrypted (still authenticated) on a trusted network; both
     /// hosts must agree. The control channel is always encrypted.
     #[arg(long)]
@@ -220,9 +274,23 @@ struct AuthArgs {
 }
 
 impl AuthArgs {
+    /// The files, as absolute paths (the VM's process may run elsewhere in the tree).
+    fn files(&self) -> Result<AuthFiles> {
+        let abs = |p: &PathBuf| std::path::absolute(p).context("a path");
+        Ok(match (&self.key, &self.cert, &self.cert_key, &self.ca) {
+            (Some(k), ..) => AuthFiles::Key(abs(k)?),
+            (None, Some(cert), Some(key), Some(ca)) => AuthFiles::Certificate {
+                cert: abs(cert)?,
+                key: abs(key)?,
+                ca: abs(ca)?,
+            },
+            _ => bail!("give --key FILE, or --cert, --cert-key and --ca"),
+        })
+    }
+
     fn options(&self) -> Result<AuthOptions> {
         Ok(AuthOptions {
-            key: Psk::from_file(&self.key)?,
+            credentials: self.files()?.load()?,
             encrypt_data: !self.no_encrypt,
         })
     }
@@ -346,9 +414,9 @@ fn dispatch(cmd: Command) -> Result<i32> {
             };
             let mut listener = TcpListener::bind(&listen)?;
             eprintln!(
-                "godwit: waiting for a VM on {} (migration id {migration_id}, key {})",
+                "godwit: waiting for a VM on {} (migration id {migration_id}, {})",
                 listener.local_addr(),
-                auth.key.fingerprint()
+                auth.credentials.describe()
             );
             let opts = ReceiveOptions {
                 accept_timeout,
@@ -391,7 +459,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
             client.send(&Request::Migrate(MigrateRequest {
                 to,
                 migration_id: id,
-                key_file: std::path::absolute(&auth.key)?,
+                auth: auth.files()?,
                 encrypt_data: !auth.no_encrypt,
                 reply_timeout_ms: reply_timeout.as_millis() as u64,
                 streams,
@@ -481,7 +549,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
             let auth = key
                 .map(|k| {
                     Ok::<_, anyhow::Error>(AuthOptions {
-                        key: Psk::from_file(&k)?,
+                        credentials: Credentials::Key(Psk::from_file(&k)?),
                         encrypt_data: true,
                     })
                 })
@@ -530,18 +598,55 @@ fn dispatch(cmd: Command) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Ca {
+            action: CaAction::New { dir },
+        } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let (cert, key) = secure::new_ca()?;
+            write_new(&dir.join("ca.key"), &key, true)?;
+            write_new(&dir.join("ca.pem"), &cert, false)?;
+            println!(
+                "CA written to {}: give ca.pem to every host (--ca), keep ca.key here",
+                dir.display()
+            );
+            Ok(0)
+        }
+        Command::Ca {
+            action:
+                CaAction::Issue {
+                    ca_dir,
+                    ip,
+                    dns,
+                    out,
+                },
+        } => {
+            let ca_key = ca_dir.join("ca.key");
+            secure::check_private(&ca_key)?;
+            let ca_key = std::fs::read_to_string(&ca_key)
+                .with_context(|| format!("cannot read {}", ca_key.display()))?;
+            let names: Vec<String> = ip.iter().map(|i| i.to_string()).chain(dns).collect();
+            let (cert, key) = secure::issue(&ca_key, &names)?;
+            let with = |ext: &str| {
+                let mut p = out.clone().into_os_string();
+                p.push(ext);
+                PathBuf::from(p)
+            };
+            write_new(&with(".key"), &key, true)?;
+            write_new(&with(".pem"), &cert, false)?;
+            println!(
+                "certificate for {} written to {}.pem (--cert) and {}.key (--cert-key)",
+                names.join(", "),
+                out.display(),
+                out.display()
+            );
+            Ok(0)
+        }
         Command::Key {
             action: KeyAction::New { file },
         } => {
-            use std::os::unix::fs::OpenOptionsExt;
             let key = Psk::generate()?;
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&file)
-                .with_context(|| format!("cannot create the key file {}", file.display()))?;
-            f.write_all(key.to_file_text().as_bytes())?;
+            write_new(&file, &key.to_file_text(), true)?;
             println!(
                 "key {} written to {}; copy it to the other host (keep it mode 600)",
                 key.fingerprint(),

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
-use godwit_transport::secure::{self, AuthOptions, Psk};
+use godwit_transport::secure::{self, AuthOptions};
 use godwit_transport::{AbortHandle, ConnectOptions, FrameSink, FrameSource, Transport};
 
 use super::batch::Compression;
@@ -43,8 +43,8 @@ pub struct SendOptions {
     pub max_bandwidth: Option<u64>,
     /// How long to wait for each answer of the destination.
     pub reply_timeout: Duration,
-    /// The pre-shared key file (read when the migration starts).
-    pub key_file: std::path::PathBuf,
+    /// What this host authenticates with (the files are read when the migration starts).
+    pub auth: crate::api::AuthFiles,
     /// Whether TCP data streams are encrypted (the control channel always is).
     pub encrypt_data: bool,
     /// The id the destination was started for.
@@ -265,7 +265,7 @@ impl Run<'_> {
     ) -> Result<(), MigrationError> {
         // Handshake: connect, authenticate, then describe the VM.
         let auth = AuthOptions {
-            key: Psk::from_file(&self.opts.key_file)?,
+            credentials: self.opts.auth.load()?,
             encrypt_data: self.opts.encrypt_data,
         };
         let conn = transport.connect(

@@ -62,6 +62,9 @@ pub struct Lab {
     name: String,
     subnet: u8,
     pub dir: PathBuf,
+    /// Whether hosts authenticate with certificates ([`Lab::use_certificates`]) instead of
+    /// the shared key.
+    certificates: bool,
 }
 
 impl Lab {
@@ -81,6 +84,7 @@ impl Lab {
             name: name.into(),
             subnet,
             dir,
+            certificates: false,
         };
         lab.new_key("key");
         lab
@@ -106,6 +110,52 @@ impl Lab {
     /// Host `h`'s end of the link.
     pub fn veth(&self, h: char) -> String {
         format!("{}-v{h}", self.name)
+    }
+
+    /// From now on both hosts authenticate with certificates from one new CA, each naming
+    /// its host's address.
+    pub fn use_certificates(&mut self) {
+        let ca = self.path("ca");
+        let run = |args: &[&str]| {
+            let st = Command::new(godwit())
+                .args(args)
+                .stdout(Stdio::null())
+                .status()
+                .expect("running godwit ca");
+            assert!(st.success(), "godwit {args:?} failed");
+        };
+        run(&["ca", "new", &ca]);
+        for h in ['a', 'b'] {
+            let out = self.path(&format!("host-{h}"));
+            run(&[
+                "ca",
+                "issue",
+                "--ca-dir",
+                &ca,
+                "--ip",
+                &self.addr(h),
+                "--out",
+                &out,
+            ]);
+        }
+        self.certificates = true;
+    }
+
+    /// How host `h` authenticates, as command-line arguments.
+    pub fn auth_args(&self, h: char) -> Vec<String> {
+        if self.certificates {
+            let host = self.path(&format!("host-{h}"));
+            vec![
+                "--cert".into(),
+                format!("{host}.pem"),
+                "--cert-key".into(),
+                format!("{host}.key"),
+                "--ca".into(),
+                self.path("ca/ca.pem"),
+            ]
+        } else {
+            vec!["--key".into(), self.key()]
+        }
     }
 
     /// The key both hosts share.
@@ -159,7 +209,7 @@ impl Lab {
         let api = self.path(&format!("vm-{n}.sock"));
         let serial = self.path(&format!("serial-{n}.log"));
         let listen = format!("{}:7000", self.addr(h));
-        let (key, id) = (self.key(), format!("m{n}"));
+        let (auth, id) = (self.auth_args(h), format!("m{n}"));
         let mut args = vec![
             "receive",
             "--listen",
@@ -170,11 +220,10 @@ impl Lab {
             &serial,
             "--accept-timeout",
             "60s",
-            "--key",
-            &key,
             "--id",
             &id,
         ];
+        args.extend(auth.iter().map(String::as_str));
         args.extend_from_slice(extra);
         let mut cmd = self.godwit(h, &args);
         cmd.envs(env.iter().copied());
@@ -190,23 +239,24 @@ impl Lab {
 
     /// The `godwit send` command of [`Lab::send`].
     pub fn send_command(&self, from: &VmProcess, to: char, n: usize, extra: &[&str]) -> Command {
-        self.send_command_with_key(from, to, n, &self.key(), extra)
+        self.send_command_with(from, to, n, &self.auth_args(from.host), extra)
     }
 
-    /// The same with another key file.
-    pub fn send_command_with_key(
+    /// The same with other authentication arguments.
+    pub fn send_command_with(
         &self,
         from: &VmProcess,
         to: char,
         n: usize,
-        key: &str,
+        auth: &[String],
         extra: &[&str],
     ) -> Command {
         let dest = format!("{}:7000", self.addr(to));
         let id = format!("m{n}");
         let mut args = vec![
-            "send", "--api", &from.api, "--to", &dest, "--json", "--key", key, "--id", &id,
+            "send", "--api", &from.api, "--to", &dest, "--json", "--id", &id,
         ];
+        args.extend(auth.iter().map(String::as_str));
         args.extend_from_slice(extra);
         self.godwit(from.host, &args)
     }

@@ -23,6 +23,7 @@
 //! control channel) but not encrypted: the NIC writes it straight into guest memory.
 
 mod seal;
+mod tls;
 
 use std::fmt;
 use std::path::Path;
@@ -32,11 +33,12 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::{digest, hkdf, hmac};
 
 pub use seal::{SealedSink, SealedSource, SEAL_OVERHEAD};
+pub use tls::{issue, new_ca, TlsIdentity};
 
 use crate::{Channel, Connection, FrameSink, FrameSource, TransportError};
 
 /// Version of the handshake.
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const MAGIC: &[u8; 4] = b"GDWS";
 /// Bytes of a pre-shared key.
 pub const KEY_LEN: usize = 32;
@@ -81,6 +83,17 @@ pub enum AuthError {
         /// Whether the source asked for plaintext data.
         source_plain: bool,
     },
+    /// One host uses a key, the other a certificate.
+    #[error("the source authenticates with {} but this receiver with {}; give both hosts --key, or both --cert, --cert-key and --ca",
+        if *source_certificate { "a certificate" } else { "a key" },
+        if *source_certificate { "a key" } else { "a certificate" })]
+    ModeMismatch {
+        /// Whether the source used a certificate.
+        source_certificate: bool,
+    },
+    /// TLS failed: a certificate refused, or a file unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A handshake message was malformed.
     #[error("malformed handshake from the peer ({0}); is it a Godwit of the same release?")]
     Malformed(String),
@@ -122,18 +135,11 @@ impl Psk {
     /// Reads a key file written by [`Psk::to_file_text`]. Refuses a file that others can
     /// read: the key is the only thing between a stranger and the guest's memory.
     pub fn from_file(path: &Path) -> Result<Psk, AuthError> {
-        use std::os::unix::fs::PermissionsExt;
         let bad = |why: String| AuthError::KeyFile {
             path: path.display().to_string(),
             why,
         };
-        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(bad(format!(
-                "it is readable by others (mode {:o}); chmod 600 it",
-                meta.permissions().mode() & 0o777
-            )));
-        }
+        check_private(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         Psk::from_hex(text.trim()).map_err(bad)
     }
@@ -165,6 +171,27 @@ impl Psk {
     }
 }
 
+/// Refuses a secret file (a key, a certificate's private key) that others can read: it is
+/// all that stands between a stranger and the guest's memory.
+pub fn check_private(path: &Path) -> Result<(), AuthError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bad = |why: String| AuthError::KeyFile {
+        path: path.display().to_string(),
+        why,
+    };
+    let mode = std::fs::metadata(path)
+        .map_err(|e| bad(e.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(bad(format!(
+            "it is readable by others (mode {:o}); chmod 600 it",
+            mode & 0o777
+        )));
+    }
+    Ok(())
+}
+
 /// A random migration id: 16 hex digits.
 pub fn random_id() -> Result<String, AuthError> {
     Ok(hex(&nonce()?[..8]))
@@ -174,11 +201,30 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What a host proves itself with.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// A pre-shared key, the same on both hosts.
+    Key(Psk),
+    /// A certificate from the operator's CA, and that CA.
+    Certificate(TlsIdentity),
+}
+
+impl Credentials {
+    /// A short description for logs: the key's fingerprint, or "certificate".
+    pub fn describe(&self) -> String {
+        match self {
+            Credentials::Key(k) => format!("key {}", k.fingerprint()),
+            Credentials::Certificate(_) => "certificate".into(),
+        }
+    }
+}
+
 /// How a side authenticates.
 #[derive(Debug, Clone)]
 pub struct AuthOptions {
-    /// The pre-shared key.
-    pub key: Psk,
+    /// What this host proves itself with.
+    pub credentials: Credentials,
     /// Whether data channels are sealed (the control channel always is).
     pub encrypt_data: bool,
 }
@@ -188,6 +234,7 @@ const OK: u8 = 0;
 const WRONG_KEY: u8 = 1;
 const ENCRYPTION_MISMATCH: u8 = 2;
 const BAD_PROOF: u8 = 3;
+const MODE_MISMATCH: u8 = 4;
 
 const FLAG_PLAIN_DATA: u8 = 1;
 
@@ -211,7 +258,8 @@ enum Dir {
 }
 
 impl Session {
-    fn new(key: &Psk, nonce_c: &[u8], nonce_s: &[u8], transcript: &[u8]) -> Session {
+    /// From a key proof: the key, both nonces and the transcript.
+    fn from_key(key: &Psk, nonce_c: &[u8], nonce_s: &[u8], transcript: &[u8]) -> Session {
         let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, &[nonce_c, nonce_s].concat());
         let first = salt.extract(&key.0);
         let th = digest::digest(&digest::SHA256, transcript);
@@ -220,8 +268,13 @@ impl Session {
             .expand(&[b"godwit psk v1 session", th.as_ref()], Len32)
             .and_then(|okm| okm.fill(&mut secret))
             .expect("HKDF output of 32 bytes");
+        Session::from_secret(&secret)
+    }
+
+    /// From a secret both sides already share (TLS's exporter).
+    fn from_secret(secret: &[u8; 32]) -> Session {
         Session {
-            prk: hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &secret),
+            prk: hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, secret),
         }
     }
 
@@ -259,14 +312,8 @@ fn header() -> Vec<u8> {
     m
 }
 
-/// Receives one handshake message of exactly `len` bytes (header included).
-fn recv_msg(source: &mut dyn FrameSource, len: usize) -> Result<Vec<u8>, AuthError> {
-    let mut buf = Vec::new();
-    if !source.recv(&mut buf)? {
-        return Err(AuthError::Malformed(
-            "the peer closed the connection in the handshake".into(),
-        ));
-    }
+/// Checks a handshake message's magic and version.
+fn check_header(buf: &[u8]) -> Result<(), AuthError> {
     if buf.len() < 6 || &buf[..4] != MAGIC {
         return Err(AuthError::Malformed("not a Godwit handshake".into()));
     }
@@ -277,6 +324,18 @@ fn recv_msg(source: &mut dyn FrameSource, len: usize) -> Result<Vec<u8>, AuthErr
             ours: VERSION,
         });
     }
+    Ok(())
+}
+
+/// Receives one handshake message of exactly `len` bytes (header included).
+fn recv_msg(source: &mut dyn FrameSource, len: usize) -> Result<Vec<u8>, AuthError> {
+    let mut buf = Vec::new();
+    if !source.recv(&mut buf)? {
+        return Err(AuthError::Malformed(
+            "the peer closed the connection in the handshake".into(),
+        ));
+    }
+    check_header(&buf)?;
     if buf.len() != len {
         return Err(AuthError::Malformed(format!(
             "a message of {} bytes where {len} were due",
@@ -300,82 +359,142 @@ fn nonce() -> Result<[u8; 32], AuthError> {
     Ok(n)
 }
 
-const MSG1_LEN: usize = 6 + 1 + 8 + 32;
+/// The first message: header, mode, flags, then for a key its fingerprint and a nonce.
+const MSG1_KEY_LEN: usize = 6 + 2 + 8 + 32;
+const MSG1_TLS_LEN: usize = 6 + 2;
 const MSG2_LEN: usize = 6 + 1 + 32 + 32;
 const MSG3_LEN: usize = 6 + 32;
-const MSG4_LEN: usize = 6 + 1;
+/// A bare status: the key proof's verdict, or the answer to a certificate source's hello.
+const STATUS_LEN: usize = 6 + 1;
+
+const MODE_KEY: u8 = 1;
+const MODE_TLS: u8 = 2;
+
+fn mode_of(c: &Credentials) -> u8 {
+    match c {
+        Credentials::Key(_) => MODE_KEY,
+        Credentials::Certificate(_) => MODE_TLS,
+    }
+}
+
+fn flags_of(encrypt_data: bool) -> u8 {
+    if encrypt_data {
+        0
+    } else {
+        FLAG_PLAIN_DATA
+    }
+}
 
 /// The source's side of the handshake on `conn`'s control channel; returns the connection
 /// with every channel sealed (or, with plaintext data, tagged).
 pub fn client(mut conn: Connection, opts: &AuthOptions) -> Result<Connection, AuthError> {
     conn.control.set_read_timeout(Some(STEP_TIMEOUT))?;
-    let nonce_c = nonce()?;
+    let flags = flags_of(opts.encrypt_data);
     let mut m1 = header();
-    m1.push(if opts.encrypt_data {
-        0
-    } else {
-        FLAG_PLAIN_DATA
-    });
-    m1.extend_from_slice(&opts.key.fingerprint_bytes());
-    m1.extend_from_slice(&nonce_c);
-    send_msg(&mut *conn.control.sink, &m1)?;
-
-    let m2 = recv_msg(&mut *conn.control.source, MSG2_LEN)?;
-    let (status, nonce_s, mac_s) = (m2[6], &m2[7..39], &m2[39..71]);
-    match status {
-        OK => {}
-        // A refusal for a wrong key carries the server's fingerprint where the nonce goes.
-        WRONG_KEY => {
-            return Err(AuthError::WrongKey {
-                theirs: hex(&nonce_s[..8]),
-                ours: opts.key.fingerprint(),
-            })
+    m1.extend_from_slice(&[mode_of(&opts.credentials), flags]);
+    let session = match &opts.credentials {
+        Credentials::Key(key) => {
+            let nonce_c = nonce()?;
+            m1.extend_from_slice(&key.fingerprint_bytes());
+            m1.extend_from_slice(&nonce_c);
+            send_msg(&mut *conn.control.sink, &m1)?;
+            let m2 = recv_msg(&mut *conn.control.source, MSG2_LEN)?;
+            refused(m2[6], &m2[7..15], opts)?;
+            let (nonce_s, mac_s) = (&m2[7..39], &m2[39..71]);
+            let transcript = [&m1[..], &m2[..39]].concat();
+            if !verify(key, b"godwit psk v1 server", &[&transcript], mac_s) {
+                return Err(AuthError::BadProof);
+            }
+            let mac_c = mac(key, b"godwit psk v1 client", &[&transcript, mac_s]);
+            let mut m3 = header();
+            m3.extend_from_slice(mac_c.as_ref());
+            send_msg(&mut *conn.control.sink, &m3)?;
+            let m4 = recv_msg(&mut *conn.control.source, STATUS_LEN)?;
+            match m4[6] {
+                OK => {}
+                BAD_PROOF => return Err(AuthError::BadProof),
+                s => return Err(AuthError::Malformed(format!("status {s}"))),
+            }
+            Session::from_key(key, &nonce_c, nonce_s, &transcript)
         }
-        ENCRYPTION_MISMATCH => {
-            return Err(AuthError::EncryptionMismatch {
-                source_plain: !opts.encrypt_data,
-            })
+        Credentials::Certificate(id) => {
+            send_msg(&mut *conn.control.sink, &m1)?;
+            let m2 = recv_msg(&mut *conn.control.source, STATUS_LEN)?;
+            refused(m2[6], &[], opts)?;
+            Session::from_secret(&tls::client(id, &mut conn.control, flags)?)
         }
-        s => return Err(AuthError::Malformed(format!("status {s}"))),
-    }
-    let transcript = [&m1[..], &m2[..39]].concat();
-    if !verify(&opts.key, b"godwit psk v1 server", &[&transcript], mac_s) {
-        return Err(AuthError::BadProof);
-    }
-    let mac_c = mac(&opts.key, b"godwit psk v1 client", &[&transcript, mac_s]);
-    let mut m3 = header();
-    m3.extend_from_slice(mac_c.as_ref());
-    send_msg(&mut *conn.control.sink, &m3)?;
-    let m4 = recv_msg(&mut *conn.control.source, MSG4_LEN)?;
-    match m4[6] {
-        OK => {}
-        BAD_PROOF => return Err(AuthError::BadProof),
-        s => return Err(AuthError::Malformed(format!("status {s}"))),
-    }
+    };
     conn.control.set_read_timeout(None)?;
-    let session = Session::new(&opts.key, &nonce_c, nonce_s, &transcript);
     Ok(protect(conn, &session, Dir::ToServer, opts.encrypt_data))
+}
+
+/// What a refusal status from the server means, as the client's error (`theirs`: the
+/// server's key fingerprint, for a wrong key).
+fn refused(status: u8, theirs: &[u8], opts: &AuthOptions) -> Result<(), AuthError> {
+    match status {
+        OK => Ok(()),
+        WRONG_KEY => Err(AuthError::WrongKey {
+            theirs: hex(theirs),
+            ours: match &opts.credentials {
+                Credentials::Key(k) => k.fingerprint(),
+                other => other.describe(),
+            },
+        }),
+        ENCRYPTION_MISMATCH => Err(AuthError::EncryptionMismatch {
+            source_plain: !opts.encrypt_data,
+        }),
+        MODE_MISMATCH => Err(AuthError::ModeMismatch {
+            source_certificate: matches!(opts.credentials, Credentials::Certificate(_)),
+        }),
+        s => Err(AuthError::Malformed(format!("status {s}"))),
+    }
 }
 
 /// The destination's side of the handshake; returns the connection with every channel
 /// sealed (or, with plaintext data, checked).
 pub fn server(mut conn: Connection, opts: &AuthOptions) -> Result<Connection, AuthError> {
     conn.control.set_read_timeout(Some(STEP_TIMEOUT))?;
-    let m1 = recv_msg(&mut *conn.control.source, MSG1_LEN)?;
-    let (flags, fingerprint, nonce_c) = (m1[6], &m1[7..15], &m1[15..47]);
-    let plain = flags & FLAG_PLAIN_DATA != 0;
+    let mut m1 = Vec::new();
+    if !conn.control.source.recv(&mut m1)? {
+        return Err(AuthError::Malformed(
+            "the peer closed the connection in the handshake".into(),
+        ));
+    }
+    check_header(&m1)?;
+    let (mode, flags) = match m1.get(6..8) {
+        Some(&[mode, flags]) => (mode, flags),
+        _ => return Err(AuthError::Malformed("a hello without a mode".into())),
+    };
+    let want_len = match mode {
+        MODE_KEY => MSG1_KEY_LEN,
+        MODE_TLS => MSG1_TLS_LEN,
+        m => return Err(AuthError::Malformed(format!("unknown mode {m}"))),
+    };
+    if m1.len() != want_len {
+        return Err(AuthError::Malformed(format!(
+            "a hello of {} bytes where {want_len} were due",
+            m1.len()
+        )));
+    }
+    // A refusal in the shape the client waits for: its key's answer, or a bare status.
+    let ours_fingerprint = match &opts.credentials {
+        Credentials::Key(k) => k.fingerprint_bytes().to_vec(),
+        Credentials::Certificate(_) => Vec::new(),
+    };
     let refuse = |control: &mut Channel, status: u8| {
         let mut m = header();
         m.push(status);
-        m.extend_from_slice(&opts.key.fingerprint_bytes());
-        m.resize(MSG2_LEN, 0);
+        if mode == MODE_KEY {
+            m.extend_from_slice(&ours_fingerprint);
+            m.resize(MSG2_LEN, 0);
+        }
         let _ = send_msg(&mut *control.sink, &m);
     };
-    if fingerprint != opts.key.fingerprint_bytes() {
-        refuse(&mut conn.control, WRONG_KEY);
-        return Err(AuthError::WrongKey {
-            theirs: hex(fingerprint),
-            ours: opts.key.fingerprint(),
+    let plain = flags & FLAG_PLAIN_DATA != 0;
+    if mode != mode_of(&opts.credentials) {
+        refuse(&mut conn.control, MODE_MISMATCH);
+        return Err(AuthError::ModeMismatch {
+            source_certificate: mode == MODE_TLS,
         });
     }
     if plain == opts.encrypt_data {
@@ -384,30 +503,47 @@ pub fn server(mut conn: Connection, opts: &AuthOptions) -> Result<Connection, Au
             source_plain: plain,
         });
     }
-    let nonce_s = nonce()?;
-    let mut m2 = header();
-    m2.push(OK);
-    m2.extend_from_slice(&nonce_s);
-    let transcript = [&m1[..], &m2[..]].concat();
-    let mac_s = mac(&opts.key, b"godwit psk v1 server", &[&transcript]);
-    m2.extend_from_slice(mac_s.as_ref());
-    send_msg(&mut *conn.control.sink, &m2)?;
-
-    let m3 = recv_msg(&mut *conn.control.source, MSG3_LEN)?;
-    let proven = verify(
-        &opts.key,
-        b"godwit psk v1 client",
-        &[&transcript, mac_s.as_ref()],
-        &m3[6..],
-    );
-    let mut m4 = header();
-    m4.push(if proven { OK } else { BAD_PROOF });
-    send_msg(&mut *conn.control.sink, &m4)?;
-    if !proven {
-        return Err(AuthError::BadProof);
-    }
+    let session = match &opts.credentials {
+        Credentials::Key(key) => {
+            let (fingerprint, nonce_c) = (&m1[8..16], &m1[16..48]);
+            if fingerprint != key.fingerprint_bytes() {
+                refuse(&mut conn.control, WRONG_KEY);
+                return Err(AuthError::WrongKey {
+                    theirs: hex(fingerprint),
+                    ours: key.fingerprint(),
+                });
+            }
+            let nonce_s = nonce()?;
+            let mut m2 = header();
+            m2.push(OK);
+            m2.extend_from_slice(&nonce_s);
+            let transcript = [&m1[..], &m2[..]].concat();
+            let mac_s = mac(key, b"godwit psk v1 server", &[&transcript]);
+            m2.extend_from_slice(mac_s.as_ref());
+            send_msg(&mut *conn.control.sink, &m2)?;
+            let m3 = recv_msg(&mut *conn.control.source, MSG3_LEN)?;
+            let proven = verify(
+                key,
+                b"godwit psk v1 client",
+                &[&transcript, mac_s.as_ref()],
+                &m3[6..],
+            );
+            let mut m4 = header();
+            m4.push(if proven { OK } else { BAD_PROOF });
+            send_msg(&mut *conn.control.sink, &m4)?;
+            if !proven {
+                return Err(AuthError::BadProof);
+            }
+            Session::from_key(key, nonce_c, &nonce_s, &transcript)
+        }
+        Credentials::Certificate(id) => {
+            let mut m2 = header();
+            m2.push(OK);
+            send_msg(&mut *conn.control.sink, &m2)?;
+            Session::from_secret(&tls::server(id, &mut conn.control, flags)?)
+        }
+    };
     conn.control.set_read_timeout(None)?;
-    let session = Session::new(&opts.key, nonce_c, &nonce_s, &transcript);
     Ok(protect(conn, &session, Dir::ToClient, opts.encrypt_data))
 }
 

@@ -7,7 +7,7 @@ use crate::tests::{bounded, pair};
 
 fn opts(key: &Psk, encrypt_data: bool) -> AuthOptions {
     AuthOptions {
-        key: key.clone(),
+        credentials: Credentials::Key(key.clone()),
         encrypt_data,
     }
 }
@@ -86,7 +86,7 @@ fn a_forged_fingerprint_without_the_key_fails_the_proof() {
         let server_opts = opts(&real, true);
         let server = thread::spawn(move || server(s, &server_opts));
         let mut m1 = header();
-        m1.push(0);
+        m1.extend_from_slice(&[MODE_KEY, 0]);
         m1.extend_from_slice(&want);
         m1.extend_from_slice(&[9u8; 32]);
         send_msg(&mut *c.control.sink, &m1).unwrap();
@@ -97,7 +97,7 @@ fn a_forged_fingerprint_without_the_key_fails_the_proof() {
         let mut m3 = header();
         m3.extend_from_slice(mac(&forged, b"godwit psk v1 client", &[&m2]).as_ref());
         send_msg(&mut *c.control.sink, &m3).unwrap();
-        let m4 = recv_msg(&mut *c.control.source, MSG4_LEN).unwrap();
+        let m4 = recv_msg(&mut *c.control.source, STATUS_LEN).unwrap();
         (m4[6], server.join().unwrap())
     });
     assert_eq!(c, BAD_PROOF);
@@ -144,4 +144,112 @@ fn key_files_round_trip_and_loose_permissions_are_refused() {
     let e = Psk::from_file(&path).unwrap_err().to_string();
     assert!(e.contains("hex digits"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A CA in a fresh folder, and certificates for 127.0.0.1 from it: (folder, identity).
+fn certificates(tag: &str) -> (std::path::PathBuf, TlsIdentity) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("godwit-tls-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, ca_key) = new_ca().unwrap();
+    let (cert, key) = issue(&ca_key, &["127.0.0.1".to_string()]).unwrap();
+    for (name, text) in [("ca.pem", &ca), ("host.pem", &cert), ("host.key", &key)] {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    std::fs::set_permissions(dir.join("host.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let id = TlsIdentity::load(
+        &dir.join("host.pem"),
+        &dir.join("host.key"),
+        &dir.join("ca.pem"),
+    )
+    .unwrap();
+    (dir, id)
+}
+
+fn tls(id: &TlsIdentity, encrypt_data: bool) -> AuthOptions {
+    AuthOptions {
+        credentials: Credentials::Certificate(id.clone()),
+        encrypt_data,
+    }
+}
+
+#[test]
+fn certificates_from_one_ca_open_a_session() {
+    let (dir, id) = certificates("ok");
+    for encrypt in [true, false] {
+        let (c, s) = handshake(tls(&id, encrypt), tls(&id, encrypt), 2);
+        exchange(c.expect("client"), s.expect("server"));
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_certificate_from_another_ca_is_refused_on_both_sides() {
+    let (d1, ours) = certificates("ca1");
+    let (d2, theirs) = certificates("ca2");
+    let (c, s) = handshake(tls(&theirs, true), tls(&ours, true), 1);
+    let c = c.unwrap_err().to_string();
+    let s = s.unwrap_err().to_string();
+    assert!(c.contains("TLS") || c.contains("closed"), "client: {c}");
+    assert!(s.contains("certificate"), "server: {s}");
+    // A key on one side and a certificate on the other: told plainly.
+    let key = Psk::generate().unwrap();
+    let (c, s) = handshake(opts(&key, true), tls(&ours, true), 1);
+    assert!(
+        matches!(
+            c,
+            Err(AuthError::ModeMismatch {
+                source_certificate: false
+            })
+        ),
+        "{c:?}"
+    );
+    assert!(matches!(s, Err(AuthError::ModeMismatch { .. })), "{s:?}");
+    std::fs::remove_dir_all(d1).unwrap();
+    std::fs::remove_dir_all(d2).unwrap();
+}
+
+#[test]
+fn a_certificate_for_another_address_is_refused_by_the_source() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, client_id) = certificates("name");
+    // The destination's certificate names 10.9.9.9, but the source dials 127.0.0.1.
+    let ca_key_dir = std::env::temp_dir().join(format!("godwit-tls-other-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&ca_key_dir);
+    std::fs::create_dir_all(&ca_key_dir).unwrap();
+    let (ca, ca_key) = new_ca().unwrap();
+    let (cert, key) = issue(&ca_key, &["10.9.9.9".to_string()]).unwrap();
+    let (ccert, ckey) = issue(&ca_key, &["127.0.0.1".to_string()]).unwrap();
+    for (name, text) in [
+        ("ca.pem", &ca),
+        ("s.pem", &cert),
+        ("s.key", &key),
+        ("c.pem", &ccert),
+        ("c.key", &ckey),
+    ] {
+        std::fs::write(ca_key_dir.join(name), text).unwrap();
+    }
+    for k in ["s.key", "c.key"] {
+        std::fs::set_permissions(ca_key_dir.join(k), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+    }
+    let load = |c: &str, k: &str| {
+        TlsIdentity::load(
+            &ca_key_dir.join(c),
+            &ca_key_dir.join(k),
+            &ca_key_dir.join("ca.pem"),
+        )
+        .unwrap()
+    };
+    let (c, _s) = handshake(
+        tls(&load("c.pem", "c.key"), true),
+        tls(&load("s.pem", "s.key"), true),
+        1,
+    );
+    let c = c.unwrap_err().to_string();
+    assert!(c.contains("--ip"), "{c}");
+    drop(client_id);
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(ca_key_dir).unwrap();
 }
