@@ -6,8 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    guest, report, run_bounded, wait_checked, wait_listening, Lab, VmProcess, MOVE_TIMEOUT, SERIAL,
+    guest, report, run_bounded, wait_checked, wait_for, wait_listening, Lab, VmProcess,
+    MOVE_TIMEOUT, SERIAL,
 };
+use godwit_transport::{ConnectOptions, TcpTransport, Transport};
 
 #[test]
 fn the_memory_checker_moves_ten_times_and_stays_intact() {
@@ -310,6 +312,119 @@ fn certificates_from_the_operator_ca_move_a_vm_and_a_stranger_ca_is_refused() {
     assert_eq!(r["outcome"], "completed", "{r}");
     assert!(source.wait_exit(Duration::from_secs(10)).is_some());
     dest.wait_api();
+    wait_checked(&logs, 1);
+    let s = guest(&logs);
+    assert!(s.healthy() && s.boots == 1, "{s:?}");
+}
+
+#[test]
+fn bad_input_is_refused_with_what_to_fix_and_changes_nothing() {
+    if !common::can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("gwbad", 48);
+
+    // At the command line: each mistake names the fix.
+    let cli = |args: &[&str]| {
+        let out = run_bounded(lab.godwit('a', args), MOVE_TIMEOUT);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = cli(&[
+        "send",
+        "--api",
+        "/nonexistent",
+        "--to",
+        "10.0.0.1:7000",
+        "--id",
+        "m1",
+    ]);
+    assert!(e.contains("--key") && e.contains("--cert"), "{e}");
+    let e = cli(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--key",
+        &lab.key(),
+        "--id",
+        "no spaces",
+    ]);
+    assert!(e.contains("letters, digits"), "{e}");
+    let loose = lab.path("loose-key");
+    std::fs::copy(lab.key(), &loose).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let e = cli(&["receive", "--listen", "127.0.0.1:0", "--key", &loose]);
+    assert!(e.contains("chmod 600"), "{e}");
+
+    // A destination that will not take that much memory refuses in the handshake; the VM
+    // keeps running where it was, and the destination built nothing.
+    let (mut source, serial0) = lab.boot(0, "memcheck", "128M", "hb_ms=20 wss_mb=32", &[]);
+    let (mut dest, serial1) = lab.receiver('b', 1, &["--max-memory", "64M"], &[]);
+    let logs = vec![serial0, serial1];
+    wait_checked(&logs, 1);
+    wait_listening(&logs[1]);
+    let r = lab.send(&source, 'b', 1, &[]);
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(r["vm_on_source"], true, "{r}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("--max-memory") && error.contains("128 MiB"),
+        "{error}"
+    );
+    let st = dest.wait_exit(Duration::from_secs(10));
+    assert!(st.is_some_and(|s| !s.success()), "{st:?}");
+    assert!(!std::path::Path::new(&dest.api).exists());
+    assert!(source.is_running());
+
+    // A peer of another release, on the wire: a receiver (here on loopback) answers in its
+    // own version, names both in its log, and keeps waiting for its source.
+    let serial = lab.path("serial-3.log");
+    let api = lab.path("vm-3.sock");
+    let addr = "127.0.0.1:17048";
+    let mut cmd = std::process::Command::new(common::godwit());
+    cmd.args([
+        "receive",
+        "--listen",
+        addr,
+        "--api",
+        &api,
+        "--serial",
+        &serial,
+        "--key",
+        &lab.key(),
+        "--id",
+        "m3",
+    ]);
+    let mut dest = VmProcess::spawn(cmd, api, 'b', &serial);
+    wait_listening(&serial);
+    let mut conn = TcpTransport
+        .connect(
+            addr,
+            std::num::NonZeroUsize::MIN,
+            &ConnectOptions::default(),
+        )
+        .expect("connect");
+    let mut hello = b"GDWS".to_vec();
+    hello.extend_from_slice(&99u16.to_le_bytes());
+    hello.extend_from_slice(&[1, 0]);
+    conn.control.sink.send(&[&hello]).unwrap();
+    conn.control.sink.flush().unwrap();
+    let mut answer = Vec::new();
+    assert!(conn.control.source.recv(&mut answer).unwrap());
+    assert_eq!(&answer[..4], b"GDWS");
+    assert_ne!(&answer[4..6], &99u16.to_le_bytes());
+    wait_for(
+        Duration::from_secs(10),
+        "the receiver to name both versions",
+        || {
+            std::fs::read_to_string(format!("{serial}.stderr")).is_ok_and(|s| {
+                s.contains("handshake version 99") && s.contains("same Godwit release")
+            })
+        },
+    );
+    assert!(dest.is_running() && !std::path::Path::new(&dest.api).exists());
+
     wait_checked(&logs, 1);
     let s = guest(&logs);
     assert!(s.healthy() && s.boots == 1, "{s:?}");

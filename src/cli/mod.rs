@@ -73,6 +73,10 @@ enum Command {
         /// How long to wait for a source.
         #[arg(long, default_value = "120s", value_parser = units::parse_duration)]
         accept_timeout: Duration,
+        /// The most guest RAM to take, e.g. 16G (memory this host keeps for other VMs is not
+        /// offered); by default whatever the host has available.
+        #[arg(long, value_parser = units::parse_size)]
+        max_memory: Option<u64>,
         /// How long the source may stay silent before the incoming migration is abandoned.
         #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
         idle_timeout: Duration,
@@ -402,6 +406,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
         Command::Receive {
             listen,
             accept_timeout,
+            max_memory,
             idle_timeout,
             id,
             auth,
@@ -423,6 +428,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
                 idle_timeout,
                 auth,
                 migration_id,
+                max_memory,
             };
             let (vm, received) = destination::receive(&mut listener, &opts, serial_sink(host.serial.as_deref())?)
                 .context("the incoming migration failed; nothing runs here, the VM keeps running on its source")?;

@@ -32,6 +32,9 @@ pub struct ReceiveOptions {
     pub auth: AuthOptions,
     /// The one migration this receiver takes.
     pub migration_id: String,
+    /// The most guest RAM this host takes, if the operator set a cap (memory kept for
+    /// other VMs).
+    pub max_memory: Option<u64>,
 }
 
 /// Connections that fail to authenticate before the receiver gives up.
@@ -121,7 +124,7 @@ fn send_message(sink: &mut dyn FrameSink, msg: &Message) -> Result<(), Migration
 }
 
 /// Whether this host can take the VM the source describes; the refusal says what to fix.
-fn judge(hello: &Hello, data_streams: usize) -> Result<(), String> {
+fn judge(hello: &Hello, data_streams: usize, max_memory: Option<u64>) -> Result<(), String> {
     hello
         .layout
         .validate()
@@ -140,6 +143,14 @@ fn judge(hello: &Hello, data_streams: usize) -> Result<(), String> {
         ));
     }
     let need = hello.layout.total_bytes();
+    if let Some(max) = max_memory.filter(|&m| need > m) {
+        return Err(format!(
+            "the VM needs {} MiB of RAM but this receiver takes at most {} MiB (--max-memory); \
+             raise it or choose another destination",
+            need >> 20,
+            max >> 20
+        ));
+    }
     if let Some(avail) = vmm::host_available_memory() {
         if need > avail {
             return Err(format!(
@@ -197,9 +208,16 @@ impl Session {
         let mut buf = Vec::new();
 
         // Handshake: judge, build, accept.
-        let hello = match recv_message(&mut *ctl_source, &mut buf)? {
-            Message::Hello(h) => h,
-            m => {
+        let hello = match recv_message(&mut *ctl_source, &mut buf) {
+            Ok(Message::Hello(h)) => h,
+            // Say why, in this side's version: a source of another release reads that as
+            // "the peer speaks version N", which names the fix.
+            Err(e @ MigrationError::Protocol(_)) => {
+                let _ = send_message(&mut *control, &Message::Refuse(e.to_string()));
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+            Ok(m) => {
                 return Err(MigrationError::Unexpected {
                     expected: "Hello",
                     got: m.name(),
@@ -215,7 +233,7 @@ impl Session {
             let _ = send_message(&mut *control, &Message::Refuse(why.clone()));
             return Err(MigrationError::Refused(why));
         }
-        if let Err(why) = judge(&hello, data_streams) {
+        if let Err(why) = judge(&hello, data_streams, opts.max_memory) {
             let _ = send_message(&mut *control, &Message::Refuse(why.clone()));
             return Err(MigrationError::Refused(why));
         }

@@ -235,6 +235,7 @@ const WRONG_KEY: u8 = 1;
 const ENCRYPTION_MISMATCH: u8 = 2;
 const BAD_PROOF: u8 = 3;
 const MODE_MISMATCH: u8 = 4;
+const VERSION_MISMATCH: u8 = 5;
 
 const FLAG_PLAIN_DATA: u8 = 1;
 
@@ -460,7 +461,15 @@ pub fn server(mut conn: Connection, opts: &AuthOptions) -> Result<Connection, Au
             "the peer closed the connection in the handshake".into(),
         ));
     }
-    check_header(&m1)?;
+    if let Err(e) = check_header(&m1) {
+        // A Godwit of another release: answer in this version, which it reports plainly.
+        if matches!(e, AuthError::Version { .. }) {
+            let mut m = header();
+            m.push(VERSION_MISMATCH);
+            let _ = send_msg(&mut *conn.control.sink, &m);
+        }
+        return Err(e);
+    }
     let (mode, flags) = match m1.get(6..8) {
         Some(&[mode, flags]) => (mode, flags),
         _ => return Err(AuthError::Malformed("a hello without a mode".into())),
