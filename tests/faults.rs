@@ -30,6 +30,8 @@ enum Fault {
     KillSource,
     Cut,
     Stall,
+    /// Not a fault but the operator: `godwit cancel`.
+    Cancel,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +82,7 @@ enum Outcome {
 /// What the README's fault table promises for `fault` in `phase`.
 fn expected(fault: Fault, phase: Phase) -> Outcome {
     match (fault, phase) {
-        (Fault::KillSource, Phase::Confirm) => Outcome::Destination,
+        (Fault::KillSource | Fault::Cancel, Phase::Confirm) => Outcome::Destination,
         (Fault::KillSource, _) => Outcome::Lost,
         (Fault::KillReceiver, Phase::Confirm) => Outcome::SourceInDoubt,
         (Fault::Cut | Fault::Stall, Phase::Confirm) => Outcome::DestinationSourceInDoubt,
@@ -212,6 +214,13 @@ fn case(lab: &Lab, k: usize, fault: Fault, phase: Phase) -> String {
     match fault {
         Fault::KillReceiver => dest.child.kill().unwrap(),
         Fault::KillSource => source.child.kill().unwrap(),
+        Fault::Cancel => {
+            let out = run_bounded(
+                lab.godwit('a', &["cancel", "--api", &source.api]),
+                Duration::from_secs(10),
+            );
+            assert!(out.status.success(), "cancel: {out:?}");
+        }
         Fault::Cut | Fault::Stall => break_link(lab, fault),
     }
     let r = send.report();
@@ -248,7 +257,12 @@ fn case(lab: &Lab, k: usize, fault: Fault, phase: Phase) -> String {
     // Never two copies: a running source means the destination has no VM.
     if got == Outcome::Source {
         assert!(!dest_runs, "{case}: both hosts run the VM");
-        assert_eq!(r["outcome"], "failed", "{case}: {r}");
+        let outcome = if fault == Fault::Cancel {
+            "cancelled"
+        } else {
+            "failed"
+        };
+        assert_eq!(r["outcome"], outcome, "{case}: {r}");
         assert_eq!(r["vm_on_source"], true, "{case}: {r}");
         assert!(
             error.contains("keeps running on the source"),
@@ -350,6 +364,13 @@ fn link_cut_in_every_phase() {
 #[test]
 fn link_stalled_in_every_phase() {
     matrix("gwfstall", 54, Fault::Stall);
+}
+
+/// `godwit cancel` in every phase: before the commit the VM stays on the source; after it,
+/// cancelling is too late and the migration completes.
+#[test]
+fn cancel_in_every_phase() {
+    matrix("gwfcancel", 56, Fault::Cancel);
 }
 
 #[test]
