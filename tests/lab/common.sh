@@ -11,7 +11,22 @@ KEY=$W/key
 "$G" key new "$KEY" >/dev/null
 cleanup() { for p in $pids; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
-fail() { echo "FAIL: $*"; for f in "$W"/*.log "$W"/*.err; do echo "--- $f"; tail -5 "$f"; done; exit 1; }
+# fail WHY: the logs, where each godwit thread waits (a vCPU stuck in KVM_RUN and a stuck
+# socket look different), and the lab kernel's last words, so a rare failure can be read.
+fail() {
+    echo "FAIL: $*"
+    for f in "$W"/*.log "$W"/*.err; do echo "--- $f"; tail -5 "$f"; done
+    for p in $pids; do
+        [ -d "/proc/$p" ] || continue
+        echo "--- threads of $(tr '\0' ' ' <"/proc/$p/cmdline" | cut -c1-60)"
+        for t in /proc/"$p"/task/*; do
+            echo "$(cat "$t/comm") $(cut -d' ' -f3 "$t/stat") $(cat "$t/wchan" 2>/dev/null)"
+        done
+    done
+    echo "--- dmesg"
+    dmesg | tail -15
+    exit 1
+}
 
 # wait_for FILE PATTERN SECONDS
 wait_for() {
