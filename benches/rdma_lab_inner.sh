@@ -20,46 +20,13 @@
 set -eu
 
 BENCH=${1:?usage: rdma_lab_inner.sh BENCH_BINARY [GODWIT_BINARY]}
-G=${2:-$(pwd)/target/release/godwit}
-W=$(mktemp -d)
-KEY=$W/key
-"$G" key new "$KEY" >/dev/null
-A=10.99.0.1
-B=10.99.0.2
+# shellcheck disable=SC2034 # read by common.sh
+GODWIT=${2:-}
+# G, W, A, B, KEY, pids, cleanup, fail, wait_for, wait_file (its `move` is replaced below).
+. "$(dirname "$0")/../tests/lab/common.sh"
 PERF_N=${PERF_N:-64}          # 64 x 512 KiB = 32 MiB per perftest run
 PERF_SIZE=524288
 TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
-pids=""
-cleanup() {
-    for f in "$W"/*.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
-    for p in $pids; do kill "$p" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-fail() {
-    echo "FAIL: $*"
-    for f in "$W"/*.log "$W"/*.err; do [ -f "$f" ] && { echo "--- $f"; tail -5 "$f"; }; done
-    exit 1
-}
-
-# wait_for FILE PATTERN SECONDS
-wait_for() {
-    i=0
-    while ! grep -q "$2" "$1" 2>/dev/null; do
-        i=$((i + 1))
-        [ "$i" -le $(($3 * 10)) ] || fail "timed out waiting for '$2' in $1"
-        sleep 0.1
-    done
-}
-
-# wait_file FILE SECONDS: until FILE exists and is not empty.
-wait_file() {
-    i=0
-    while [ ! -s "$1" ]; do
-        i=$((i + 1))
-        [ "$i" -le $(($2 * 10)) ] || fail "timed out waiting for $1"
-        sleep 0.1
-    done
-}
 
 # cpu_ticks PID: utime+stime (clock ticks) of the whole process.
 cpu_ticks() {

@@ -12,9 +12,10 @@ die() {
 }
 
 # What the build and the tests need: gcc and binutils build the test guest; iproute2 and ping
-# make the network lab and iptables stalls its link in the fault tests; the verbs and rdma_cm headers, libclang (bindgen) and pkg-config build
-# the RDMA transport (rdma-sys); the rxe provider lets it find soft-RoCE devices.
-PKGS=(gcc binutils iproute2 iputils-ping iptables libibverbs-dev librdmacm-dev libclang-dev pkg-config ibverbs-providers)
+# make the network lab and nftables stalls its link in the fault tests; the verbs and rdma_cm
+# headers, libclang (bindgen) and pkg-config build the RDMA transport (rdma-sys); the rxe
+# provider lets it find soft-RoCE devices.
+PKGS=(gcc binutils iproute2 iputils-ping nftables libibverbs-dev librdmacm-dev libclang-dev pkg-config ibverbs-providers)
 missing=()
 for pkg in "${PKGS[@]}"; do
     [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || missing+=("$pkg")

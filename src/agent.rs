@@ -172,7 +172,9 @@ fn migrate(
         compress: m.compress,
         limits: Limits {
             max_downtime: Duration::from_millis(m.max_downtime_ms),
-            max_rounds: m.max_rounds.max(1),
+            max_rounds: m.max_rounds.map(|r| r.max(1)),
+            deadline: m.deadline_ms.map(Duration::from_millis),
+            allow_throttle: m.allow_throttle,
         },
         max_bandwidth: m.max_bandwidth,
         transport: m.transport,

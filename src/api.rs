@@ -51,8 +51,12 @@ pub struct MigrateRequest {
     pub compress: CompressMode,
     /// Downtime budget in milliseconds.
     pub max_downtime_ms: u64,
-    /// Most pre-copy rounds.
-    pub max_rounds: u32,
+    /// Most pre-copy rounds, if limited.
+    pub max_rounds: Option<u32>,
+    /// Deadline for the whole migration; `None` for the default of the guest's size.
+    pub deadline_ms: Option<u64>,
+    /// Whether the guest may be throttled.
+    pub allow_throttle: bool,
     /// Cap on bytes per second, if any.
     pub max_bandwidth: Option<u64>,
     /// Which data plane.

@@ -331,6 +331,10 @@ impl ChannelControl for MemControl {
         Ok(())
     }
 
+    fn set_write_timeout(&self, _: Option<Duration>) -> Result<(), TransportError> {
+        Ok(())
+    }
+
     fn peer(&self) -> &str {
         "memory"
     }

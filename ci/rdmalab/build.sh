@@ -6,7 +6,7 @@
 # 1. installs the host packages it needs (only the missing ones; runs apt-get update first then)
 # 2. downloads Debian's standard linux-image-6.1.*-amd64 (resolved from linux-image-amd64),
 #    unpacks it and turns its bzImage into an ELF vmlinux (the xz payload) for PVH boot
-# 3. builds an uncompressed cpio initramfs: busybox + dash as /bin/sh, iproute2, ibverbs-utils,
+# 3. builds an uncompressed cpio initramfs: busybox + dash as /bin/sh, iproute2, nft, ibverbs-utils,
 #    perftest, rdmacm-utils, iperf3, the rxe provider, their ldd closures, the kernel modules in
 #    dependency order and ci/rdmalab/init as /init
 #
@@ -35,7 +35,7 @@ exec 9>"$CACHE/.build.lock"
 flock -w 900 9 || die "another build.sh holds $CACHE/.build.lock for more than 15 min"
 
 # ---------------------------------------------------------------- 1. host packages
-PACKAGES=(qemu-system-x86 busybox-static dash iproute2 ibverbs-providers ibverbs-utils perftest
+PACKAGES=(qemu-system-x86 busybox-static dash iproute2 nftables ibverbs-providers ibverbs-utils perftest
     rdmacm-utils iperf3 libibverbs-dev librdmacm-dev libnl-3-dev libnl-route-3-dev pkg-config
     libclang-dev cmake python3 cpio xz-utils kmod apt-utils)
 missing=()
@@ -109,7 +109,7 @@ fi
 # ---------------------------------------------------------------- 3. initramfs
 is_elf() { [[ $(head -c 4 "$1" | od -An -tx1 | tr -d ' ') == 7f454c46 ]]; }
 # Userspace: commands found on the host (ELF executables only: no bash in the image).
-COMMANDS=(ip rdma dash timeout iperf3)
+COMMANDS=(ip rdma nft dash timeout iperf3)
 for pkg in ibverbs-utils perftest rdmacm-utils; do
     while read -r f; do
         [[ -f $f && -x $f && $f == */bin/* ]] && is_elf "$f" && COMMANDS+=("$f")
@@ -119,7 +119,7 @@ done
 EXTRA_LIBS=(libgcc_s.so.1 libstdc++.so.6 libm.so.6 libz.so.1 libnl-3.so.200 libnl-route-3.so.200
     libibverbs.so.1 librdmacm.so.1 libibumad.so.3 libmlx5.so.1)
 # Kernel modules wanted (their dependencies come along); NAME or "NAME PARAMS".
-MODULES=(crc32_generic ib_core ib_uverbs udp_tunnel ip6_udp_tunnel rdma_rxe iw_cm ib_cm rdma_cm
+MODULES=(crc32c_generic nfnetlink nf_tables crc32_generic ib_core ib_uverbs udp_tunnel ip6_udp_tunnel rdma_rxe iw_cm ib_cm rdma_cm
     rdma_ucm configfs veth virtio virtio_ring virtio_pci 9pnet 9pnet_virtio 9p qemu_fw_cfg
     irqbypass kvm ccp "kvm_amd nrips=0")
 

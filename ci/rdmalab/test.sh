@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The RDMA tests, on real verbs: builds the soft-RoCE lab (cached) and the release binaries on
-# the host, then runs inside ONE boot of the lab VM (a boot costs 7-10 s), where rxe0
+# the host, then runs them inside the lab VM (a boot costs 7-10 s), where rxe0
 # (10.99.0.1) and rxe1 (10.99.0.2) exist: the transport's verbs and channel tests, then a live
 # migration of a running KVM guest over rxe (tests/lab/rdma_migration.sh), and one whose
-# receiver is killed mid-way (tests/lab/rdma_receiver_killed.sh). Exits non-zero when the lab could
-# not boot or any test failed. Called by ci/test.sh; needs root.
+# receiver is killed mid-way (tests/lab/rdma_receiver_killed.sh); then, in a second boot, the
+# fault matrix of tests/faults.rs over RDMA. Exits non-zero when the lab could not boot or any
+# test failed. Called by ci/test.sh; needs root.
 #
 #   ci/rdmalab/test.sh
 set -euo pipefail
@@ -15,23 +16,43 @@ cd "$ROOT"
 
 ci/rdmalab/build.sh
 
-# The transport crate's test binary, built against the host's libibverbs (the lab has the same).
-bin=$(cargo test -p godwit-transport --features rdma --release --no-run --message-format=json 2>/dev/null |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | grep 'godwit_transport-' | head -n 1)
-[[ -x $bin ]] || {
-    echo "rdmalab/test.sh: could not build the transport test binary" >&2
-    exit 1
+# test_binary NAME CARGO-ARGS...: builds a test binary on the host (against the host's
+# libibverbs; the lab has the same) and prints its path relative to the repository.
+test_binary() {
+    local name=$1 bin
+    shift
+    bin=$(cargo test --release --no-run --message-format=json "$@" 2>/dev/null |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | grep "/$name-" | head -n 1)
+    [[ -x $bin ]] || {
+        echo "rdmalab/test.sh: could not build the test binary $name" >&2
+        exit 1
+    }
+    echo "${bin#"$ROOT"/}"
 }
-bin=${bin#"$ROOT"/}
+bin=$(test_binary godwit_transport -p godwit-transport --features rdma)
+# The fault matrix of tests/faults.rs, which runs over RDMA when GODWIT_RXE_LAB is set.
+faults=$(test_binary faults --test faults)
 
 # The godwit binary, for the end-to-end migration over rxe.
 cargo build --release --bin godwit
 
 echo "rdmalab/test.sh: running the RDMA tests inside the lab VM" >&2
-rc=0
-ci/rdmalab/run.sh --timeout 600 -- sh -c \
-    "$bin rdma:: --test-threads=1 && tests/lab/rdma_migration.sh && tests/lab/rdma_receiver_killed.sh" || rc=$?
-if ((rc == 125)); then
-    echo "rdmalab/test.sh: THE LAB VM DID NOT BOOT, so the RDMA tests did not run (see above)" >&2
-fi
-exit "$rc"
+# lab TIMEOUT COMMAND: one boot of the lab running COMMAND. When the lab itself fails (the VM
+# does not boot, or its kernel dies and reports no exit status: 125), it boots once more and
+# says so; a test that fails is never run again.
+lab() {
+    local rc attempt
+    for attempt in 1 2; do
+        rc=0
+        ci/rdmalab/run.sh --timeout "$1" -- sh -c "$2" || rc=$?
+        ((rc == 125)) || return "$rc"
+        echo "rdmalab/test.sh: THE LAB VM FAILED (attempt $attempt: did not boot or its kernel died; see above)" >&2
+    done
+    return "$rc"
+}
+lab 600 "$bin rdma:: --test-threads=1 && tests/lab/rdma_migration.sh && tests/lab/rdma_receiver_killed.sh"
+# The faults at every phase, over RDMA, one boot per fault so a lab failure costs one of them
+# (cancelling is the same code on either plane: TCP only).
+for fault in receiver_killed source_killed link_cut link_stalled; do
+    lab 900 "GODWIT_RXE_LAB=1 $faults --test-threads=1 --nocapture $fault"
+done

@@ -25,6 +25,7 @@
 /// | `mode=check\|dirty` | `check` | `check`: touch byte 0 of each page; `dirty`: also rewrite the whole page |
 /// | `wss_mb=N` | all | working set in MiB, starting at 16 MiB; clipped to the first RAM region of the memmap that covers 16 MiB (and to 4 GiB) |
 /// | `rate_mbps=N` | `0` | dirtying rate in MiB/s (`N*256` pages/s, paced by busy-waiting on `rdtsc`); `0` = as fast as possible |
+/// | `catchup=0` | `1` | after a stall (a pause, a throttled vCPU), do not write faster to make up for lost time: the rate is per unit of CPU the guest gets, as in a workload that dirties memory as it computes. By default it catches up for at most one heartbeat period |
 /// | `fill=1` | off | run the first pass unpaced (populate the working set at full speed), then dirty at `rate_mbps` |
 /// | `hb_ms=N` | `50` | heartbeat period in ms (`0` is taken as 1) |
 /// | `tsc_khz=N` | see below | TSC frequency; else CPUID `0x40000010` EAX if CPUID `0x40000000` EAX >= `0x40000010`, else 2000000 (`tsc_src=assumed` on the boot line) |
@@ -52,7 +53,7 @@
 /// # Output (COM1, port 0x3f8; LSR polled at most once per line)
 ///
 /// ```text
-/// godwit-guest boot mode=<check|dirty> wss_mb=<n> rate_mbps=<n>[ fill=1] hb_ms=<n> tsc_khz=<n> region=0x<start>-0x<end> tsc_src=<cmdline|cpuid|assumed>
+/// godwit-guest boot mode=<check|dirty> wss_mb=<n> rate_mbps=<n>[ catchup=0][ fill=1] hb_ms=<n> tsc_khz=<n> region=0x<start>-0x<end> tsc_src=<cmdline|cpuid|assumed>
 /// hb seq=<n> pass=<r> stall_us=<max gap since last hb, µs> ok
 /// hb seq=<n> pass=<r> stall_us=<n> err=<total errors>      (once any error happened)
 /// ERR lost page gpa=0x<hex> got=<n> want=<n> pass=<r>

@@ -150,6 +150,7 @@ static struct {
     u64 wss_mb;
     int wss_given;
     u64 rate_mbps;
+    int no_catchup;
     int fill;
     u64 hb_ms;
     u64 tsc_khz;
@@ -432,8 +433,10 @@ static void pace(void)
         g.next_page += g.frac_acc >> 16;
         g.frac_acc &= 0xffff;
     }
-    /* After a long stall do not burst for more than one heartbeat period. */
-    if (g.next_page + g.hb_ticks < t)
+    /* After a stall, catch up for at most one heartbeat period (a workload with a backlog,
+       like a network receiver), or with catchup=0 not at all (a workload that dirties memory
+       as it computes: a stall is lost work, so throttling its vCPU slows it down). */
+    if (g.next_page + (g.no_catchup ? 0 : g.hb_ticks) < t)
         g.next_page = t;
 }
 
@@ -585,6 +588,8 @@ static void parse_cmdline(const char *c)
             g.wss_given = 1;
         } else if (streq_n(key, "rate_mbps", klen)) {
             g.rate_mbps = parse_u64(val, vlen);
+        } else if (streq_n(key, "catchup", klen)) {
+            g.no_catchup = parse_u64(val, vlen) == 0;
         } else if (streq_n(key, "fill", klen)) {
             g.fill = parse_u64(val, vlen) != 0;
         } else if (streq_n(key, "hb_ms", klen)) {
@@ -693,6 +698,7 @@ void user_main(const struct hvm_start_info *si, u64 cpuid_khz)
     put_dec(&l, g.wss_mb);
     put_s(&l, " rate_mbps=");
     put_dec(&l, g.rate_mbps);
+    put_s(&l, g.no_catchup ? " catchup=0" : "");
     put_s(&l, g.fill ? " fill=1" : "");
     put_s(&l, " hb_ms=");
     put_dec(&l, g.hb_ms);

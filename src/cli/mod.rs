@@ -15,7 +15,7 @@ use godwit::api::{AuthFiles, Client, Event, MigrateRequest, Request};
 use godwit::heartbeat;
 use godwit::migration::dataplane::TransportMode;
 use godwit::migration::destination::{self, ReceiveOptions};
-use godwit::migration::policy::{CompressMode, DEFAULT_MAX_ROUNDS};
+use godwit::migration::policy::CompressMode;
 use godwit::migration::report::Outcome;
 use godwit::vmm::devices::SerialSink;
 use godwit::vmm::memory::MemoryLayout;
@@ -114,9 +114,17 @@ enum Command {
         /// Longest acceptable pause of the guest.
         #[arg(long, default_value = "50ms", value_parser = units::parse_duration)]
         max_downtime: Duration,
-        /// Most pre-copy rounds before giving up.
-        #[arg(long, default_value_t = DEFAULT_MAX_ROUNDS)]
-        max_rounds: u32,
+        /// Most pre-copy rounds before giving up (default: no limit; the deadline rules).
+        #[arg(long)]
+        max_rounds: Option<u32>,
+        /// Longest the whole migration may take before it gives up and the VM runs on here
+        /// (default: 150 s per GiB of guest RAM, at least 60 s).
+        #[arg(long, value_parser = units::parse_duration)]
+        deadline: Option<Duration>,
+        /// Let Godwit slow the guest's vCPUs down (in 10 ms slices) when it dirties memory
+        /// faster than pre-copy can catch up.
+        #[arg(long)]
+        allow_throttle: bool,
         /// Cap on the transfer rate, e.g. 100M (bytes per second).
         #[arg(long, value_parser = units::parse_size)]
         max_bandwidth: Option<u64>,
@@ -326,12 +334,27 @@ struct HostArgs {
 /// Runs the command line; returns the process exit status.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. } | Command::Receive { .. }) {
+        die_on_closed_pipe();
+    }
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("godwit: error: {}", chain(&e));
             2
         }
+    }
+}
+
+/// Lets a command that only prints end quietly, as Unix tools do, when what reads its output
+/// goes away (`godwit status | grep -q running`): Rust ignores SIGPIPE, and `println!` would
+/// panic on the broken pipe. A process that owns a VM keeps ignoring it: a closed socket or
+/// pipe must never take the guest down.
+fn die_on_closed_pipe() {
+    // SAFETY: restoring the default action of a signal touches no memory of this process; it
+    // runs before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -451,6 +474,8 @@ fn dispatch(cmd: Command) -> Result<i32> {
             compress,
             max_downtime,
             max_rounds,
+            deadline,
+            allow_throttle,
             max_bandwidth,
             reply_timeout,
             transport,
@@ -473,6 +498,8 @@ fn dispatch(cmd: Command) -> Result<i32> {
                 compress,
                 max_downtime_ms: max_downtime.as_millis() as u64,
                 max_rounds,
+                deadline_ms: deadline.map(|d| d.as_millis() as u64),
+                allow_throttle,
                 max_bandwidth,
                 transport,
             }))?;

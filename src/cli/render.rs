@@ -42,8 +42,13 @@ impl ProgressBar {
         };
         let width = 24;
         let filled = ((done * width as f64) as usize).min(width);
+        let throttle = if p.throttle_percent > 0 {
+            format!("  throttled {}%", p.throttle_percent)
+        } else {
+            String::new()
+        };
         let line = format!(
-            "round {:>2} [{}{}] sent {:>8.1} MiB  left {:>7.1} MiB  {:>7.1} MiB/s  dirty {:>6.1} MiB/s  ETA {:>5.1} s",
+            "round {:>2} [{}{}] sent {:>8.1} MiB  left {:>7.1} MiB  {:>7.1} MiB/s  dirty {:>6.1} MiB/s{throttle}  ETA {:>5.1} s",
             p.round,
             "#".repeat(filled),
             ".".repeat(width - filled),
@@ -123,18 +128,37 @@ pub fn print_report(r: &Report) {
         r.zero_pages,
         r.compression_ratio
     );
-    println!("  rounds:       {}", r.rounds);
+    println!(
+        "  rounds:       {} (deadline {:.0} s)",
+        r.rounds,
+        r.deadline_ms / 1e3
+    );
     for d in &r.round_details {
+        let lz4 = if d.compressed {
+            format!(", lz4 x{:.2}", d.compression_ratio)
+        } else {
+            String::new()
+        };
+        let throttle = if d.throttle_percent > 0 {
+            format!(", guest throttled {}%", d.throttle_percent)
+        } else {
+            String::new()
+        };
         println!(
-            "    round {:>2}: {:>8} pages ({:>8} zero) {:>9.1} MiB on the wire in {:>8.1} ms{}; guest dirtied {} pages meanwhile",
+            "    round {:>2}: {:>8} pages ({:>8} zero) {:>9.1} MiB on the wire in {:>8.1} ms ({:.1} MiB/s of pages{lz4}); \
+             guest dirtied {} pages ({:.1} MiB/s){throttle}",
             d.round,
             d.pages,
             d.zero_pages,
             mib(d.wire_bytes as f64),
             d.ms,
-            if d.compressed { ", lz4" } else { "" },
-            d.dirtied_pages
+            mib(d.page_bytes_per_sec),
+            d.dirtied_pages,
+            mib(d.dirty_bytes_per_sec),
         );
+    }
+    for e in &r.escalations {
+        println!("  after round {}: {} {}", e.round, e.step, e.detail);
     }
     println!(
         "  the VM runs on the {}",

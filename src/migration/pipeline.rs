@@ -28,6 +28,38 @@ use super::batch::{
 use super::MigrationError;
 use crate::vmm::memory::GuestMemory;
 
+/// What ends a round early: the operator's cancel and the migration's deadline. The
+/// deadline does not apply once the guest is paused: finishing is then the quickest way out.
+#[derive(Debug)]
+pub struct Interrupt<'a> {
+    /// Set by `godwit cancel`.
+    pub cancel: &'a AtomicBool,
+    /// When the migration must have converged, and the deadline's length for the message.
+    pub deadline: Option<(Instant, Duration)>,
+    /// The round in progress, for the message.
+    pub round: u32,
+}
+
+impl Interrupt<'_> {
+    /// Fails when the round must stop.
+    pub fn check(&self) -> Result<(), MigrationError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(MigrationError::Cancelled);
+        }
+        match self.deadline {
+            Some((at, length)) if Instant::now() >= at => {
+                Err(MigrationError::NotConverged(format!(
+                    "did not converge by its deadline of {} s, which passed during round {}; \
+                     raise --deadline, allow throttling (--allow-throttle), or raise the bandwidth",
+                    length.as_secs(),
+                    self.round
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Pages of one stream's address chunk (256 KiB).
 const CHUNK_PAGES: u64 = 64;
 /// Pages per batch (512 KiB raw): large enough to amortise a frame, small enough to spread
@@ -188,7 +220,7 @@ impl SendPipeline {
         round: u32,
         pages: impl Iterator<Item = u64>,
         compression: Compression,
-        cancel: &AtomicBool,
+        interrupt: &Interrupt<'_>,
         mut progress: impl FnMut(&BatchStats),
     ) -> Result<BatchStats, MigrationError> {
         let jobs = self.jobs.as_ref().ok_or(MigrationError::PipelineClosed)?;
@@ -251,9 +283,7 @@ impl SendPipeline {
             let s = ((gpa / PAGE_SIZE as u64 / CHUNK_PAGES) % n) as usize;
             pending[s].push(gpa);
             if pending[s].len() == BATCH_PAGES {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(MigrationError::Cancelled);
-                }
+                interrupt.check()?;
                 let batch = std::mem::replace(&mut pending[s], Vec::with_capacity(BATCH_PAGES));
                 dispatch(s, batch, &mut outstanding)?;
                 collect(false, &mut outstanding, &mut total)?;

@@ -1,18 +1,39 @@
-//! When to stop copying and switch over, and whether compressing pages pays.
+//! When to stop copying and switch over, when to slow the guest down, when to give up, and
+//! whether compressing pages pays.
 //!
 //! The switchover rule is QEMU's, made explicit: switch when the bytes still dirty, moved at
 //! the rate the link has shown, fit in the downtime budget. Unlike QEMU, the budget includes
 //! a measured allowance for what else happens during the pause (saving and loading state,
 //! the confirmation round trip), so the pause the guest sees is the one the user asked for.
+//!
+//! A migration has a deadline as well as a downtime budget; it gives up only at the deadline,
+//! never because of a round count while it still makes progress. Before that, the escalation
+//! ladder climbs one rung only when the measurements call for it: compression when it moves
+//! pages faster ([`Estimates::compression_pays`]), then, if the user allows it, throttling the
+//! guest's vCPUs in proportion to how far its dirty rate outruns the link.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::vmm::throttle::MAX_PERCENT as MAX_THROTTLE;
+
 /// Default downtime budget.
 pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(50);
-/// Default limit on pre-copy rounds.
-pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+/// Default deadline for the whole migration per GiB of guest RAM (KubeVirt's default
+/// completion timeout per GiB)...
+pub const DEFAULT_DEADLINE_PER_GIB: Duration = Duration::from_secs(150);
+/// ...and never less than this.
+pub const DEFAULT_MIN_DEADLINE: Duration = Duration::from_secs(60);
+/// Pre-copy is helped (throttled) when the guest dirties more than this share of what the
+/// link moves in the same time (QEMU's auto-converge trigger is the same half).
+const DIRTY_SHARE_NEEDING_HELP: f64 = 0.5;
+/// A throttle aims to bring the dirty rate down to this share of the link rate, so that each
+/// round leaves well under half of the previous one dirty.
+const THROTTLE_TARGET_SHARE: f64 = 0.4;
+/// Each throttle step raises the level by at least this much, in case the guest's writes do
+/// not slow in proportion to its CPU time.
+const MIN_THROTTLE_STEP: u32 = 10;
 /// Rate assumed before any round measured one: a 10 Gb/s link. The first round moves all of
 /// memory, so it measures the real rate before any switchover decision depends on it.
 const DEFAULT_LINK_BYTES_PER_SEC: f64 = 1.25e9;
@@ -39,22 +60,54 @@ pub enum CompressMode {
     Off,
 }
 
-/// The user's limits for one migration.
+/// The user's limits for one migration, and the escalation steps allowed.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Longest acceptable pause of the guest.
     pub max_downtime: Duration,
-    /// Most pre-copy rounds before giving up.
-    pub max_rounds: u32,
+    /// Most pre-copy rounds before giving up, if limited.
+    pub max_rounds: Option<u32>,
+    /// Longest the whole migration may take; `None` for the default of the guest's size.
+    pub deadline: Option<Duration>,
+    /// Whether the guest's vCPUs may be throttled to make pre-copy converge.
+    pub allow_throttle: bool,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_downtime: DEFAULT_MAX_DOWNTIME,
-            max_rounds: DEFAULT_MAX_ROUNDS,
+            max_rounds: None,
+            deadline: None,
+            allow_throttle: false,
         }
     }
+}
+
+impl Limits {
+    /// The deadline for a guest of `guest_bytes`.
+    pub fn deadline_for(&self, guest_bytes: u64) -> Duration {
+        self.deadline.unwrap_or_else(|| {
+            DEFAULT_DEADLINE_PER_GIB
+                .mul_f64(guest_bytes as f64 / (1u64 << 30) as f64)
+                .max(DEFAULT_MIN_DEADLINE)
+        })
+    }
+}
+
+/// Where a migration stands after a pre-copy round.
+#[derive(Clone, Copy, Debug)]
+pub struct Standing {
+    /// The round just finished.
+    pub round: u32,
+    /// Bytes of pages dirty now.
+    pub remaining: u64,
+    /// Time since the migration started.
+    pub elapsed: Duration,
+    /// The migration's deadline.
+    pub deadline: Duration,
+    /// The guest's throttle now, in percent.
+    pub throttle: u32,
 }
 
 /// What to do after a round.
@@ -62,6 +115,13 @@ impl Default for Limits {
 pub enum Decision {
     /// Copy the dirty pages in another round while the guest runs.
     Continue,
+    /// Throttle the guest to `percent`, then copy another round.
+    Throttle {
+        /// The new level.
+        percent: u32,
+        /// The measurements that called for it.
+        why: String,
+    },
     /// Pause the guest and send the rest.
     Switchover {
         /// The predicted pause.
@@ -145,26 +205,107 @@ impl Estimates {
         Duration::from_secs_f64(remaining as f64 / self.page_bytes_per_sec) + self.fixed_pause
     }
 
-    /// The decision after round `round`, with `remaining` bytes dirty.
-    pub fn decide(&self, limits: &Limits, round: u32, remaining: u64) -> Decision {
-        let expected = self.predicted_pause(remaining);
+    /// How long pre-copy still needs at the measured rates until what is dirty fits the
+    /// downtime budget: each round sends what the last one left dirty, while the guest
+    /// dirties more. `None` when it never gets there.
+    pub fn precopy_time(&self, remaining: u64, max_downtime: Duration) -> Option<Duration> {
+        let link = self.page_bytes_per_sec.max(1.0);
+        let ratio = self.dirty_bytes_per_sec / link;
+        let fits = max_downtime.saturating_sub(self.fixed_pause).as_secs_f64() * link;
+        let mut dirty = remaining as f64;
+        let mut secs = 0.0;
+        for _ in 0..1000 {
+            if dirty <= fits {
+                return Some(Duration::from_secs_f64(secs));
+            }
+            if ratio >= 1.0 {
+                return None;
+            }
+            secs += dirty / link;
+            dirty *= ratio;
+        }
+        None
+    }
+
+    /// The decision after a pre-copy round.
+    pub fn decide(&self, limits: &Limits, now: &Standing) -> Decision {
+        let expected = self.predicted_pause(now.remaining);
         if expected <= limits.max_downtime {
             return Decision::Switchover { expected };
         }
-        if round >= limits.max_rounds {
-            let mib = |b: f64| b / (1 << 20) as f64;
+        let mib = |b: f64| b / (1 << 20) as f64;
+        let rates = format!(
+            "the guest dirties {:.0} MiB/s, the link moves {:.0} MiB/s, and the {:.1} MiB still dirty \
+             would pause the guest for {} ms against a budget of {} ms",
+            mib(self.dirty_bytes_per_sec),
+            mib(self.page_bytes_per_sec),
+            mib(now.remaining as f64),
+            expected.as_millis(),
+            limits.max_downtime.as_millis(),
+        );
+        let out_of_time = now.elapsed >= now.deadline;
+        let out_of_rounds = limits.max_rounds.is_some_and(|m| now.round >= m);
+        if out_of_time || out_of_rounds {
+            let by = if out_of_time {
+                format!("by its deadline of {} s", now.deadline.as_secs())
+            } else {
+                format!("in {} rounds", now.round)
+            };
+            let throttle = if limits.allow_throttle {
+                format!(" (throttled to {}%)", now.throttle)
+            } else {
+                String::new()
+            };
+            let allow = if limits.allow_throttle {
+                ""
+            } else {
+                "allow throttling (--allow-throttle), "
+            };
             return Decision::GiveUp(format!(
-                "did not converge in {round} rounds: the guest dirties {:.0} MiB/s, the link moves {:.0} MiB/s, \
-                 and the {:.1} MiB still dirty would pause the guest for {} ms against a budget of {} ms; \
-                 raise --max-downtime or --max-rounds, raise the bandwidth, or reduce the guest's write load",
-                mib(self.dirty_bytes_per_sec),
-                mib(self.page_bytes_per_sec),
-                mib(remaining as f64),
-                expected.as_millis(),
-                limits.max_downtime.as_millis(),
+                "did not converge {by}{throttle}: {rates}; {allow}raise --max-downtime or \
+                 --deadline, raise the bandwidth, or reduce the guest's write load"
             ));
         }
+        if limits.allow_throttle {
+            if let Some((percent, why)) = self.throttle_needed(limits, now) {
+                return Decision::Throttle {
+                    percent,
+                    why: format!("{why}: {rates}"),
+                };
+            }
+        }
         Decision::Continue
+    }
+
+    /// A higher throttle level and why, when pre-copy will not converge in time without one.
+    fn throttle_needed(&self, limits: &Limits, now: &Standing) -> Option<(u32, String)> {
+        if now.throttle >= MAX_THROTTLE {
+            return None;
+        }
+        let link = self.page_bytes_per_sec.max(1.0);
+        let share = self.dirty_bytes_per_sec / link;
+        let left = now.deadline.saturating_sub(now.elapsed);
+        let why = if share > DIRTY_SHARE_NEEDING_HELP {
+            format!("dirtying at {:.0}% of the link rate", share * 100.0)
+        } else {
+            match self.precopy_time(now.remaining, limits.max_downtime) {
+                Some(t) if t <= left => return None,
+                Some(t) => format!(
+                    "pre-copy needs {:.0} s more and {:.0} s are left before the deadline",
+                    t.as_secs_f64(),
+                    left.as_secs_f64()
+                ),
+                None => "pre-copy does not converge at these rates".to_string(),
+            }
+        };
+        // The guest's rate unthrottled, assuming its writes scale with the CPU it gets.
+        let running = 1.0 - f64::from(now.throttle) / 100.0;
+        let unthrottled = self.dirty_bytes_per_sec / running.max(0.01);
+        let wanted = 1.0 - THROTTLE_TARGET_SHARE * link / unthrottled.max(1.0);
+        let percent = ((wanted * 100.0).ceil().max(0.0) as u32)
+            .max(now.throttle + MIN_THROTTLE_STEP)
+            .min(MAX_THROTTLE);
+        Some((percent, why))
     }
 }
 
@@ -179,12 +320,105 @@ mod tests {
         let limits = Limits::default();
         // 1 GiB/s: 40 MiB takes ~39 ms + 3 ms fixed, within 50 ms.
         assert!(matches!(
-            e.decide(&limits, 1, 40 << 20),
+            e.decide(&limits, &standing(1, 40 << 20, 1)),
             Decision::Switchover { .. }
         ));
-        assert_eq!(e.decide(&limits, 1, 60 << 20), Decision::Continue);
+        assert_eq!(
+            e.decide(&limits, &standing(1, 60 << 20, 1)),
+            Decision::Continue
+        );
+    }
+
+    fn standing(round: u32, remaining: u64, elapsed_secs: u64) -> Standing {
+        Standing {
+            round,
+            remaining,
+            elapsed: Duration::from_secs(elapsed_secs),
+            deadline: Duration::from_secs(60),
+            throttle: 0,
+        }
+    }
+
+    /// A guest dirtying at twice the link rate: 100 MiB/s against 50.
+    fn outrun() -> Estimates {
+        let mut e = Estimates::default();
+        e.record_round(50 << 20, Some(50 << 20), Duration::from_secs(1), 100 << 20);
+        e
+    }
+
+    #[test]
+    fn gives_up_at_the_deadline_not_after_a_round_count() {
+        let e = outrun();
+        let limits = Limits::default();
+        assert_eq!(
+            e.decide(&limits, &standing(500, 64 << 20, 59)),
+            Decision::Continue
+        );
+        let Decision::GiveUp(why) = e.decide(&limits, &standing(3, 64 << 20, 60)) else {
+            panic!("should give up at the deadline");
+        };
         assert!(
-            matches!(e.decide(&limits, 30, 60 << 20), Decision::GiveUp(m) if m.contains("did not converge"))
+            why.contains("did not converge by its deadline of 60 s"),
+            "{why}"
+        );
+        assert!(why.contains("--allow-throttle"), "{why}");
+        let rounds = Limits {
+            max_rounds: Some(4),
+            ..limits
+        };
+        assert!(matches!(
+            e.decide(&rounds, &standing(4, 64 << 20, 1)),
+            Decision::GiveUp(_)
+        ));
+    }
+
+    #[test]
+    fn throttles_in_proportion_to_how_far_the_guest_outruns_the_link() {
+        let e = outrun();
+        let limits = Limits {
+            allow_throttle: true,
+            ..Limits::default()
+        };
+        // To 40% of 50 MiB/s from 100 MiB/s: run 20% of the time.
+        let Decision::Throttle { percent, why } = e.decide(&limits, &standing(1, 64 << 20, 1))
+        else {
+            panic!("should throttle");
+        };
+        assert_eq!(percent, 80);
+        assert!(why.contains("dirtying at 200% of the link rate"), "{why}");
+        // Already at 80% and still outrunning: at least one more step.
+        let at = Standing {
+            throttle: 80,
+            ..standing(2, 64 << 20, 2)
+        };
+        let Decision::Throttle { percent, .. } = e.decide(&limits, &at) else {
+            panic!("should throttle more");
+        };
+        assert!(percent >= 90, "{percent}");
+        // A guest that dirties little is left alone.
+        let mut calm = Estimates::default();
+        calm.record_round(50 << 20, Some(50 << 20), Duration::from_secs(1), 5 << 20);
+        assert_eq!(
+            calm.decide(&limits, &standing(1, 64 << 20, 1)),
+            Decision::Continue
+        );
+    }
+
+    #[test]
+    fn predicts_the_precopy_time_only_when_it_converges() {
+        let mut e = Estimates::default();
+        e.record_round(100 << 20, Some(100 << 20), Duration::from_secs(1), 50 << 20);
+        // 100 MiB at 100 MiB/s, then 50, 25, ...: under 2 s.
+        let t = e
+            .precopy_time(100 << 20, Duration::from_millis(50))
+            .unwrap();
+        assert!(
+            t > Duration::from_secs(1) && t < Duration::from_secs(2),
+            "{t:?}"
+        );
+        assert_eq!(
+            outrun().precopy_time(100 << 20, Duration::from_millis(50)),
+            None
         );
     }
 

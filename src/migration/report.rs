@@ -29,8 +29,27 @@ pub struct RoundReport {
     pub ms: f64,
     /// Whether the round compressed.
     pub compressed: bool,
-    /// Pages the guest dirtied while the round ran.
+    /// Raw page bytes / compressed bytes of what the round compressed (1.0 when it did not).
+    pub compression_ratio: f64,
+    /// Non-zero page bytes moved per second: the link as the pipeline saw it.
+    pub page_bytes_per_sec: f64,
+    /// Pages the guest dirtied while the round ran: its working set over the round.
     pub dirtied_pages: u64,
+    /// The same as a rate.
+    pub dirty_bytes_per_sec: f64,
+    /// How much the guest was throttled during the round, in percent.
+    pub throttle_percent: u32,
+}
+
+/// One step up (or back down) the escalation ladder, and the measurements behind it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Escalation {
+    /// Taken after this round (before the next).
+    pub round: u32,
+    /// `compress`, `stop compressing`, `throttle`.
+    pub step: String,
+    /// The level and why.
+    pub detail: String,
 }
 
 /// One phase of the source and its duration.
@@ -85,6 +104,8 @@ pub struct Progress {
     pub dirty_bytes_per_sec: f64,
     /// Estimated seconds until switchover.
     pub eta_secs: f64,
+    /// How much the guest is throttled, in percent.
+    pub throttle_percent: u32,
 }
 
 /// The final report (also the `--json` output).
@@ -132,6 +153,10 @@ pub struct Report {
     pub threads: usize,
     /// Each round.
     pub round_details: Vec<RoundReport>,
+    /// The deadline the migration had.
+    pub deadline_ms: f64,
+    /// The escalation steps taken, in order.
+    pub escalations: Vec<Escalation>,
     /// Each phase the source went through and how long it took.
     pub phases: Vec<PhaseTime>,
 }

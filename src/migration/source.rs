@@ -13,10 +13,12 @@ use super::batch::Compression;
 use super::dataplane::{self, SourceSide, TransportMode};
 use super::faults;
 use super::phase::{PhaseLog, SourcePhase};
-use super::pipeline::{RateLimiter, SendPipeline};
-use super::policy::{CompressMode, Decision, Estimates, Limits};
+use super::pipeline::{Interrupt, RateLimiter, SendPipeline};
+use super::policy::{CompressMode, Decision, Estimates, Limits, Standing};
 use super::protocol::{self, Hello, Message};
-use super::report::{Outcome, PauseSteps, PhaseTime, PlaneProbe, Progress, Report, RoundReport};
+use super::report::{
+    Escalation, Outcome, PauseSteps, PhaseTime, PlaneProbe, Progress, Report, RoundReport,
+};
 use super::MigrationError;
 use crate::vmm::memory::{DirtyBitmap, PAGE_SIZE};
 use crate::vmm::Vm;
@@ -35,7 +37,7 @@ pub struct SendOptions {
     pub threads: NonZeroUsize,
     /// Compression.
     pub compress: CompressMode,
-    /// Downtime budget and round limit.
+    /// Downtime budget, deadline, and the escalation steps allowed.
     pub limits: Limits,
     /// Which data plane (TCP, RDMA, or RDMA when possible).
     pub transport: TransportMode,
@@ -120,6 +122,9 @@ struct Run<'a> {
     pause_steps: PauseSteps,
     predicted: Duration,
     aborts: Vec<AbortHandle>,
+    started: Instant,
+    deadline: Duration,
+    escalations: Vec<Escalation>,
 }
 
 /// Shuts every channel down when dropped.
@@ -143,6 +148,7 @@ pub fn migrate(
     progress: &mut dyn FnMut(&Progress),
 ) -> Report {
     let started = Instant::now();
+    let deadline = opts.limits.deadline_for(vm.layout().total_bytes());
     let mut run = Run {
         vm,
         opts,
@@ -159,6 +165,9 @@ pub fn migrate(
         pause_steps: PauseSteps::default(),
         predicted: Duration::ZERO,
         aborts: Vec::new(),
+        started,
+        deadline,
+        escalations: Vec::new(),
     };
     let result = run.drive(transport, cancel, progress);
     for a in &run.aborts {
@@ -178,11 +187,12 @@ pub fn migrate(
             };
             run.phase.go(next, SourcePhase::can_go_to);
             // The log goes off with the vCPUs out of the guest (a pause of well under a
-            // millisecond when the failure came in pre-copy), and the guest runs again even
-            // if that fails.
+            // millisecond when the failure came in pre-copy), and the guest runs again, at
+            // full speed, even if that fails.
             let logging_off = run
                 .vm
                 .pause()
+                .and_then(|()| run.vm.set_throttle(0).map(|_| ()))
                 .and_then(|()| run.vm.set_dirty_logging(false));
             let resumed = run.vm.resume().and(logging_off);
             let error = match resumed {
@@ -236,6 +246,8 @@ pub fn migrate(
         streams: opts.streams.get(),
         threads: opts.threads.get(),
         round_details: run.rounds,
+        deadline_ms: run.deadline.as_secs_f64() * 1e3,
+        escalations: run.escalations,
         phases: run
             .phase
             .history()
@@ -350,6 +362,10 @@ impl Run<'_> {
         }
         self.aborts
             .extend(plane.channels.iter().map(|c| c.abort_handle()));
+        // RDMA streams too: a send or flush waits at most as long as any answer.
+        for c in &plane.channels {
+            c.set_write_timeout(Some(self.opts.reply_timeout))?;
+        }
         #[cfg(feature = "rdma")]
         let placement = plane.placement.map(std::sync::Arc::new);
         #[cfg(not(feature = "rdma"))]
@@ -382,11 +398,16 @@ impl Run<'_> {
             if cancel.load(Ordering::Relaxed) {
                 return Err(MigrationError::Cancelled);
             }
-            let compression = self.compression();
+            let compression = self.compression(round);
             let started = Instant::now();
             let pages = dirty.count();
+            let interrupt = Interrupt {
+                cancel,
+                deadline: Some((self.started + self.deadline, self.deadline)),
+                round,
+            };
             let stats =
-                self.send_round(&mut pipeline, round, &dirty, compression, cancel, progress)?;
+                self.send_round(&mut pipeline, &dirty, compression, &interrupt, progress)?;
             match round {
                 1 => faults::hold("source-round-1"),
                 2 => faults::hold("source-round-2"),
@@ -408,11 +429,26 @@ impl Run<'_> {
                 stats.compress_time,
             );
             self.record(round, pages, &stats, took, compression, dirtied);
-            match self
-                .estimates
-                .decide(&self.opts.limits, round, dirtied * PAGE_SIZE)
-            {
+            let standing = Standing {
+                round,
+                remaining: dirtied * PAGE_SIZE,
+                elapsed: self.started.elapsed(),
+                deadline: self.deadline,
+                throttle: self.vm.throttle(),
+            };
+            match self.estimates.decide(&self.opts.limits, &standing) {
                 Decision::Continue => {
+                    round += 1;
+                    self.go(SourcePhase::PreCopy(round));
+                }
+                Decision::Throttle { percent, why } => {
+                    let set = self.vm.set_throttle(percent)?;
+                    eprintln!("godwit: throttling the guest to {set}% after round {round}: {why}");
+                    self.escalations.push(Escalation {
+                        round,
+                        step: "throttle".into(),
+                        detail: format!("to {set}%: {why}"),
+                    });
                     round += 1;
                     self.go(SourcePhase::PreCopy(round));
                 }
@@ -433,20 +469,21 @@ impl Run<'_> {
         let pause = Instant::now();
         self.paused_at = Some(pause);
         self.vm.pause()?;
+        // Paused, the guest needs no throttle; should the migration fail from here, it runs
+        // on at full speed.
+        self.vm.set_throttle(0)?;
         faults::hold("source-paused");
         // What the last pre-copy round left dirty, and what the guest wrote since.
         dirty.merge(&self.vm.take_dirty()?);
         let final_round = round + 1;
         let pages = dirty.count();
-        let compression = self.compression();
-        let stats = self.send_round(
-            &mut pipeline,
-            final_round,
-            &dirty,
-            compression,
+        let compression = self.compression(final_round);
+        let interrupt = Interrupt {
             cancel,
-            &mut |_| {},
-        )?;
+            deadline: None,
+            round: final_round,
+        };
+        let stats = self.send_round(&mut pipeline, &dirty, compression, &interrupt, &mut |_| {})?;
         self.record(final_round, pages, &stats, pause.elapsed(), compression, 0);
         let t_pages = pause.elapsed();
         let state = self.vm.save()?;
@@ -502,11 +539,30 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn compression(&self) -> Compression {
+    /// Whether round `round` compresses; in `auto`, a change is an escalation step (or a
+    /// step back) and goes in the report with the rates that decided it.
+    fn compression(&mut self, round: u32) -> Compression {
         let on = match self.opts.compress {
             CompressMode::On => true,
             CompressMode::Off => false,
-            CompressMode::Auto => self.estimates.compression_pays(self.opts.threads.get()),
+            CompressMode::Auto => {
+                let on = self.estimates.compression_pays(self.opts.threads.get());
+                let was = self.rounds.last().is_some_and(|r| r.compressed);
+                if on != was && round > 1 {
+                    let e = &self.estimates;
+                    self.escalations.push(Escalation {
+                        round,
+                        step: if on { "compress" } else { "stop compressing" }.into(),
+                        detail: format!(
+                            "link {:.0} MB/s raw; lz4 {:.0} MB/s per thread at ratio {:.2}",
+                            e.link_bytes_per_sec / 1e6,
+                            e.compress_bytes_per_sec / 1e6,
+                            e.compression_ratio
+                        ),
+                    });
+                }
+                on
+            }
         };
         if on {
             Compression::Lz4
@@ -518,36 +574,39 @@ impl Run<'_> {
     fn send_round(
         &mut self,
         pipeline: &mut SendPipeline,
-        round: u32,
         dirty: &DirtyBitmap,
         compression: Compression,
-        cancel: &AtomicBool,
+        interrupt: &Interrupt<'_>,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<super::pipeline::BatchStats, MigrationError> {
+        let round = interrupt.round;
         let layout = self.vm.layout().clone();
         let total_pages = dirty.count();
         let started = Instant::now();
         let mut last_report = started;
         let sent_before = self.bytes_sent;
         let dirty_rate = self.estimates.dirty_bytes_per_sec;
-        let stats = pipeline.send_round(round, dirty.pages(&layout), compression, cancel, |s| {
-            let now = Instant::now();
-            if now.duration_since(last_report) < PROGRESS_INTERVAL {
-                return;
-            }
-            last_report = now;
-            let secs = now.duration_since(started).as_secs_f64().max(1e-6);
-            let rate = (s.pages * PAGE_SIZE) as f64 / secs;
-            let remaining = total_pages.saturating_sub(s.pages) * PAGE_SIZE;
-            progress(&Progress {
-                round,
-                transferred_bytes: sent_before + s.wire_bytes,
-                remaining_bytes: remaining,
-                rate_bytes_per_sec: rate,
-                dirty_bytes_per_sec: dirty_rate,
-                eta_secs: remaining as f64 / rate.max(1.0),
-            });
-        })?;
+        let throttle = self.vm.throttle();
+        let stats =
+            pipeline.send_round(round, dirty.pages(&layout), compression, interrupt, |s| {
+                let now = Instant::now();
+                if now.duration_since(last_report) < PROGRESS_INTERVAL {
+                    return;
+                }
+                last_report = now;
+                let secs = now.duration_since(started).as_secs_f64().max(1e-6);
+                let rate = (s.pages * PAGE_SIZE) as f64 / secs;
+                let remaining = total_pages.saturating_sub(s.pages) * PAGE_SIZE;
+                progress(&Progress {
+                    round,
+                    transferred_bytes: sent_before + s.wire_bytes,
+                    remaining_bytes: remaining,
+                    rate_bytes_per_sec: rate,
+                    dirty_bytes_per_sec: dirty_rate,
+                    eta_secs: remaining as f64 / rate.max(1.0),
+                    throttle_percent: throttle,
+                });
+            })?;
         self.bytes_sent += stats.wire_bytes;
         Ok(stats)
     }
@@ -561,6 +620,7 @@ impl Run<'_> {
         compression: Compression,
         dirtied: u64,
     ) {
+        let secs = took.as_secs_f64().max(1e-6);
         self.rounds.push(RoundReport {
             round,
             pages,
@@ -568,7 +628,15 @@ impl Run<'_> {
             wire_bytes: stats.wire_bytes,
             ms: took.as_secs_f64() * 1e3,
             compressed: compression == Compression::Lz4,
+            compression_ratio: if stats.compressed_wire > 0 {
+                stats.compressed_raw as f64 / stats.compressed_wire as f64
+            } else {
+                1.0
+            },
+            page_bytes_per_sec: stats.raw_bytes as f64 / secs,
             dirtied_pages: dirtied,
+            dirty_bytes_per_sec: (dirtied * PAGE_SIZE) as f64 / secs,
+            throttle_percent: self.vm.throttle(),
         });
     }
 }

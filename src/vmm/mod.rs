@@ -9,6 +9,7 @@ pub mod devices;
 pub mod memory;
 pub mod pvh;
 pub mod state;
+pub mod throttle;
 mod vcpu;
 
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use devices::{Serial, SerialSink};
 use memory::{DirtyBitmap, GuestMemory, LayoutError, MemoryLayout};
 use state::{VcpuState, VmState};
+use throttle::{Level, Ticker};
 use vcpu::{IoBus, VcpuHandle};
 
 /// Most vCPUs a VM may have.
@@ -119,6 +121,9 @@ pub struct Vm {
     tsc_khz: u32,
     events: Receiver<VmEvent>,
     dirty_logging: bool,
+    throttle: Arc<Level>,
+    /// Kicks the vCPUs while the throttle is above zero.
+    ticker: Option<Ticker>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -211,6 +216,8 @@ impl Vm {
             tsc_khz: 0,
             events: unbounded().1,
             dirty_logging: false,
+            throttle: Arc::new(Level::default()),
+            ticker: None,
         };
         vm.set_memory_slots(false)?;
         let (events_tx, events_rx) = unbounded();
@@ -250,6 +257,7 @@ impl Vm {
                 vcpu,
                 vm.io.clone(),
                 msrs.clone(),
+                vm.throttle.clone(),
                 events_tx.clone(),
             )?);
         }
@@ -438,6 +446,26 @@ impl Vm {
         self.vcpus.len() as u8
     }
 
+    /// Keeps the guest out of its vCPUs for `percent` of every [`throttle::PERIOD`] (0 lets
+    /// it run freely again); returns the level set, capped at [`throttle::MAX_PERCENT`].
+    pub fn set_throttle(&mut self, percent: u32) -> Result<u32, VmmError> {
+        let p = self.throttle.set(percent);
+        if p == 0 {
+            self.ticker = None;
+        } else if self.ticker.is_none() {
+            let kickers: Vec<_> = self.vcpus.iter().filter_map(VcpuHandle::kicker).collect();
+            self.ticker = Some(Ticker::start(move || {
+                kickers.iter().for_each(|k| k.kick());
+            })?);
+        }
+        Ok(p)
+    }
+
+    /// The current throttle, in percent.
+    pub fn throttle(&self) -> u32 {
+        self.throttle.percent()
+    }
+
     /// Events from vCPU threads: the guest exited or crashed.
     pub fn events(&self) -> &Receiver<VmEvent> {
         &self.events
@@ -446,6 +474,8 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        // The ticker first: it must not kick a vCPU thread that has ended.
+        self.ticker = None;
         for v in &mut self.vcpus {
             v.exit();
         }

@@ -17,6 +17,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::devices::{Serial, DEBUG_EXIT_PORT};
 use super::state::{self, VcpuState};
+use super::throttle::Level;
 use super::{VmEvent, VmmError};
 
 /// How long a vCPU may take to answer a request before the VM is declared stuck.
@@ -41,6 +42,8 @@ enum Reply {
     Done,
     Saved(Box<VcpuState>),
 }
+
+type Requests = Receiver<(Request, Sender<Result<Reply, VmmError>>)>;
 
 thread_local! {
     /// This thread's `kvm_run` page, for the kick signal handler.
@@ -90,6 +93,7 @@ impl VcpuHandle {
         fd: VcpuFd,
         io: Arc<IoBus>,
         msrs: Arc<[u32]>,
+        throttle: Arc<Level>,
         events: Sender<VmEvent>,
     ) -> Result<Self, VmmError> {
         let (tx, rx) = bounded(4);
@@ -101,6 +105,7 @@ impl VcpuHandle {
                     fd,
                     io,
                     msrs,
+                    throttle,
                     events,
                 }
                 .run(rx)
@@ -130,6 +135,12 @@ impl VcpuHandle {
             // joined only in `exit`), and the kick signal has a handler installed.
             unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
         }
+    }
+
+    /// What kicks this vCPU from another thread: the throttle's ticker, which the VM stops
+    /// before it ends any vCPU thread (so the handle never outlives its thread).
+    pub fn kicker(&self) -> Option<Kicker> {
+        self.thread.as_ref().map(|t| Kicker(t.as_pthread_t()))
     }
 
     /// Lets the vCPU run.
@@ -164,6 +175,18 @@ impl VcpuHandle {
     }
 }
 
+/// Kicks one vCPU thread out of `KVM_RUN` (see [`VcpuHandle::kicker`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Kicker(libc::pthread_t);
+
+impl Kicker {
+    pub fn kick(self) {
+        // SAFETY: the VM joins the only thread that kicks (the throttle ticker) before it
+        // joins any vCPU thread, so the pthread handle is valid; the kick signal has a handler.
+        unsafe { libc::pthread_kill(self.0, kick_signal()) };
+    }
+}
+
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
         self.exit();
@@ -176,11 +199,12 @@ struct VcpuThread {
     io: Arc<IoBus>,
     /// The MSRs saved with the vCPU state.
     msrs: Arc<[u32]>,
+    throttle: Arc<Level>,
     events: Sender<VmEvent>,
 }
 
 impl VcpuThread {
-    fn run(mut self, requests: Receiver<(Request, Sender<Result<Reply, VmmError>>)>) {
+    fn run(mut self, requests: Requests) {
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let mut running = false;
         loop {
@@ -188,14 +212,8 @@ impl VcpuThread {
                 let Ok((req, reply)) = requests.recv() else {
                     break;
                 };
-                match self.serve(req, &mut running) {
-                    Some(r) => {
-                        let _ = reply.send(r);
-                    }
-                    None => {
-                        let _ = reply.send(Ok(Reply::Done));
-                        break;
-                    }
+                if !self.answer(req, reply, &mut running) {
+                    break;
                 }
                 continue;
             }
@@ -208,20 +226,19 @@ impl VcpuThread {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
-                    let mut exit = false;
-                    while let Ok((req, reply)) = requests.try_recv() {
-                        match self.serve(req, &mut running) {
-                            Some(r) => {
-                                let _ = reply.send(r);
-                            }
-                            None => {
-                                let _ = reply.send(Ok(Reply::Done));
-                                exit = true;
+                    if !self.answer_pending(&requests, &mut running) {
+                        break;
+                    }
+                    // Throttled: sit out this period's share, answering requests meanwhile.
+                    let sit_out = self.throttle.sit_out();
+                    if running && !sit_out.is_zero() {
+                        if let Ok((req, reply)) = requests.recv_timeout(sit_out) {
+                            if !self.answer(req, reply, &mut running)
+                                || !self.answer_pending(&requests, &mut running)
+                            {
+                                break;
                             }
                         }
-                    }
-                    if exit {
-                        break;
                     }
                 }
                 Err(e) => {
@@ -234,6 +251,35 @@ impl VcpuThread {
             }
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// Serves `req` and replies; false when the thread must end.
+    fn answer(
+        &mut self,
+        req: Request,
+        reply: Sender<Result<Reply, VmmError>>,
+        running: &mut bool,
+    ) -> bool {
+        match self.serve(req, running) {
+            Some(r) => {
+                let _ = reply.send(r);
+                true
+            }
+            None => {
+                let _ = reply.send(Ok(Reply::Done));
+                false
+            }
+        }
+    }
+
+    /// Serves every request already queued; false when the thread must end.
+    fn answer_pending(&mut self, requests: &Requests, running: &mut bool) -> bool {
+        while let Ok((req, reply)) = requests.try_recv() {
+            if !self.answer(req, reply, running) {
+                return false;
+            }
+        }
+        true
     }
 
     /// Serves one request; `None` means the thread must end.

@@ -1,5 +1,12 @@
-//! The end-to-end harness: a two-host lab (network namespaces joined by a veth pair, made by
-//! `ci/lab.sh`), `godwit` processes on each host, and the guest's serial logs.
+//! The end-to-end harness: a two-host lab, `godwit` processes on each host, and the guest's
+//! serial logs. The lab is one of two wires:
+//!
+//! - on a plain host, two network namespaces joined by a veth pair (made by `ci/lab.sh`),
+//!   with TCP between them;
+//! - inside the soft-RoCE lab VM (`ci/rdmalab`, which sets `GODWIT_RXE_LAB=1` for the test),
+//!   the VM's own veth pair with rxe0 on 10.99.0.1 and rxe1 on 10.99.0.2. soft-RoCE works
+//!   only in the initial namespace, so both "hosts" share it, and every migration runs over
+//!   RDMA. The lab VM runs under TCG, so there every wait is [`SLOWDOWN`] times longer.
 //!
 //! Every wait is bounded; every process a test starts is killed by PID when the test ends.
 
@@ -12,8 +19,29 @@ use std::time::{Duration, Instant};
 
 use godwit::heartbeat::{self, Summary};
 
-/// The longest a migration may take in a test.
+/// The longest a migration may take in a test (before [`scaled`]).
 pub const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The environment variable that says the test runs inside the soft-RoCE lab VM.
+pub const RXE_LAB_VAR: &str = "GODWIT_RXE_LAB";
+
+/// How much longer every wait is inside the soft-RoCE lab: its CPU is emulated (TCG), and
+/// the nested guest's ring-0 code runs in two instruction emulators.
+pub const SLOWDOWN: u32 = 4;
+
+/// Whether the test runs inside the soft-RoCE lab VM.
+pub fn in_rxe_lab() -> bool {
+    std::env::var_os(RXE_LAB_VAR).is_some()
+}
+
+/// `d`, stretched inside the soft-RoCE lab.
+pub fn scaled(d: Duration) -> Duration {
+    if in_rxe_lab() {
+        d * SLOWDOWN
+    } else {
+        d
+    }
+}
 
 /// Waits until the receiver whose serial log is `serial` listens.
 pub fn wait_listening(serial: &str) {
@@ -57,10 +85,20 @@ pub fn godwit() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_godwit"))
 }
 
+/// What joins the two hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// Two network namespaces and TCP (`ci/lab.sh`).
+    Namespaces,
+    /// The soft-RoCE lab VM's veth pair and RDMA (see the module comment).
+    Rxe,
+}
+
 /// Two hosts, `a` and `b`.
 pub struct Lab {
     name: String,
     subnet: u8,
+    pub wire: Wire,
     pub dir: PathBuf,
     /// Whether hosts authenticate with certificates ([`Lab::use_certificates`]) instead of
     /// the shared key.
@@ -68,21 +106,29 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// The lab named `name` (with its own `subnet`), or inside the soft-RoCE lab VM, the VM's
+    /// wire.
     pub fn up(name: &str, subnet: u8) -> Lab {
-        let st = Command::new("bash")
-            .arg(repo().join("ci/lab.sh"))
-            .args(["up", name])
-            .env("LAB_SUBNET", subnet.to_string())
-            .stdout(Stdio::null())
-            .status()
-            .expect("running ci/lab.sh");
-        assert!(st.success(), "ci/lab.sh up {name} failed");
+        let wire = if in_rxe_lab() {
+            Wire::Rxe
+        } else {
+            let st = Command::new("bash")
+                .arg(repo().join("ci/lab.sh"))
+                .args(["up", name])
+                .env("LAB_SUBNET", subnet.to_string())
+                .stdout(Stdio::null())
+                .status()
+                .expect("running ci/lab.sh");
+            assert!(st.success(), "ci/lab.sh up {name} failed");
+            Wire::Namespaces
+        };
         let dir = std::env::temp_dir().join(format!("godwit-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let lab = Lab {
             name: name.into(),
             subnet,
+            wire,
             dir,
             certificates: false,
         };
@@ -102,14 +148,85 @@ impl Lab {
         path
     }
 
-    /// Host `h`'s network namespace.
-    pub fn namespace(&self, h: char) -> String {
-        format!("{}-{h}", self.name)
-    }
-
     /// Host `h`'s end of the link.
     pub fn veth(&self, h: char) -> String {
-        format!("{}-v{h}", self.name)
+        match self.wire {
+            Wire::Namespaces => format!("{}-v{h}", self.name),
+            Wire::Rxe => format!("veth{}", if h == 'a' { 0 } else { 1 }),
+        }
+    }
+
+    /// A command that runs `program args` on host `h`.
+    pub fn on_host(&self, h: char, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
+        let mut c = match self.wire {
+            Wire::Namespaces => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &format!("{}-{h}", self.name)])
+                    .arg(program);
+                c
+            }
+            Wire::Rxe => Command::new(program),
+        };
+        c.args(args);
+        c
+    }
+
+    /// Takes host a's end of the link down (`up` false), or brings it back.
+    pub fn set_link(&self, up: bool) {
+        for cmd in self.link_commands(up) {
+            run_ok(cmd);
+        }
+    }
+
+    fn link_commands(&self, up: bool) -> Vec<Command> {
+        let veth = self.veth('a');
+        let mut cmds = vec![self.on_host(
+            'a',
+            "ip",
+            &["link", "set", &veth, if up { "up" } else { "down" }],
+        )];
+        if up && self.wire == Wire::Rxe {
+            // A link going down takes its routes along; restore the one that sends traffic
+            // for the other end across the veth (ci/rdmalab/init) rather than through lo,
+            // where rxe does not listen.
+            let (to, from) = (self.addr('b'), self.addr('a'));
+            cmds.push(self.on_host(
+                'a',
+                "ip",
+                &[
+                    "route", "replace", &to, "dev", &veth, "src", &from, "table", "100",
+                ],
+            ));
+        }
+        cmds
+    }
+
+    /// Drops every packet host a's end of the link sends or receives (`on`), or stops
+    /// dropping: a firewall rule (nftables), since netem is not in every kernel.
+    pub fn set_stall(&self, on: bool) {
+        let veth = self.veth('a');
+        let script = if on {
+            format!(
+                "table inet godwit_stall {{
+                   chain in {{ type filter hook input priority 0; iifname \"{veth}\" drop; }}
+                   chain out {{ type filter hook output priority 0; oifname \"{veth}\" drop; }}
+                 }}"
+            )
+        } else {
+            "delete table inet godwit_stall".to_string()
+        };
+        let path = self.path("stall.nft");
+        std::fs::write(&path, script).unwrap();
+        run_ok(self.on_host('a', "nft", &["-f", &path]));
+    }
+
+    /// Mends the soft-RoCE lab's wire after a test that failed with it cut or stalled: it
+    /// outlives the test, unlike a pair of namespaces.
+    fn mend_wire(&self) {
+        let unstall = self.on_host('a', "nft", &["delete", "table", "inet", "godwit_stall"]);
+        for mut cmd in std::iter::once(unstall).chain(self.link_commands(true)) {
+            let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        }
     }
 
     /// From now on both hosts authenticate with certificates from one new CA, each naming
@@ -256,6 +373,9 @@ impl Lab {
         let mut args = vec![
             "send", "--api", &from.api, "--to", &dest, "--json", "--id", &id,
         ];
+        if self.wire == Wire::Rxe {
+            args.extend(["--transport", "rdma"]);
+        }
         args.extend(auth.iter().map(String::as_str));
         args.extend_from_slice(extra);
         self.godwit(from.host, &args)
@@ -263,16 +383,16 @@ impl Lab {
 
     /// The address of host `h` ('a' or 'b').
     pub fn addr(&self, h: char) -> String {
-        format!("10.77.{}.{}", self.subnet, if h == 'a' { 1 } else { 2 })
+        let host = if h == 'a' { 1 } else { 2 };
+        match self.wire {
+            Wire::Namespaces => format!("10.77.{}.{host}", self.subnet),
+            Wire::Rxe => format!("10.99.0.{host}"),
+        }
     }
 
     /// A command that runs `godwit args` on host `h`.
     pub fn godwit(&self, h: char, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &format!("{}-{h}", self.name)])
-            .arg(godwit())
-            .args(args);
-        c
+        self.on_host(h, godwit(), args)
     }
 
     pub fn path(&self, file: &str) -> String {
@@ -282,15 +402,48 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo().join("ci/lab.sh"))
-            .args(["down", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        match self.wire {
+            Wire::Namespaces => {
+                let _ = Command::new("bash")
+                    .arg(repo().join("ci/lab.sh"))
+                    .args(["down", &self.name])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            Wire::Rxe => self.mend_wire(),
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
+            // The last words of every log, for a CI run (or a lab VM) that keeps no files.
+            let mut logs: Vec<_> = std::fs::read_dir(&self.dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log" || x == "stderr"))
+                .collect();
+            logs.sort();
+            for p in logs {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- {}", p.display());
+                for l in &lines[lines.len().saturating_sub(8)..] {
+                    eprintln!("{l}");
+                }
+            }
+            if self.wire == Wire::Rxe {
+                // The lab kernel's last words too: a lockup or an rxe error shows there.
+                if let Ok(out) = Command::new("dmesg").output() {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    let lines: Vec<&str> = text.lines().collect();
+                    eprintln!("--- dmesg");
+                    for l in &lines[lines.len().saturating_sub(15)..] {
+                        eprintln!("{l}");
+                    }
+                }
+            }
             eprintln!("logs kept in {}", self.dir.display());
         }
     }
@@ -324,7 +477,7 @@ impl VmProcess {
 
     /// Waits up to `timeout` for the process to end.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + scaled(timeout);
         while Instant::now() < deadline {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return Some(st);
@@ -348,6 +501,7 @@ impl Drop for VmProcess {
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes (then panics naming `what`).
 pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let timeout = scaled(timeout);
     let deadline = Instant::now() + timeout;
     while !cond() {
         assert!(
@@ -358,6 +512,16 @@ pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Runs a short command that must succeed.
+fn run_ok(cmd: Command) {
+    let out = run_bounded(cmd, Duration::from_secs(10));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs a command to completion with a time limit.
 pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
     let mut child = cmd
@@ -366,6 +530,7 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting a command");
+    let timeout = scaled(timeout);
     let deadline = Instant::now() + timeout;
     loop {
         if child.try_wait().unwrap().is_some() {

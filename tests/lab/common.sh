@@ -1,6 +1,7 @@
-# Shared by the lab's migration scripts (sourced; POSIX sh, runs inside the lab VM).
-# shellcheck shell=sh
-G=$(pwd)/target/release/godwit
+# Shared by the lab's migration scripts and benches/rdma_lab_inner.sh (sourced; runs inside
+# the lab VM, whose /bin/sh is dash). $GODWIT names another godwit binary.
+# shellcheck shell=dash
+G=${GODWIT:-$(pwd)/target/release/godwit}
 W=$(mktemp -d)
 # shellcheck disable=SC2034 # used by the scripts that source this file
 A=10.99.0.1
@@ -9,13 +10,19 @@ B=10.99.0.2
 pids=""
 KEY=$W/key
 "$G" key new "$KEY" >/dev/null
-cleanup() { for p in $pids; do kill "$p" 2>/dev/null || true; done; }
+# Processes to end on exit: $pids, and those whose PID a script wrote to $W/NAME.pid.
+cleanup() {
+    for f in "$W"/*.pid; do
+        if [ -s "$f" ]; then kill "$(cat "$f")" 2>/dev/null || true; fi
+    done
+    for p in $pids; do kill "$p" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 # fail WHY: the logs, where each godwit thread waits (a vCPU stuck in KVM_RUN and a stuck
 # socket look different), and the lab kernel's last words, so a rare failure can be read.
 fail() {
     echo "FAIL: $*"
-    for f in "$W"/*.log "$W"/*.err; do echo "--- $f"; tail -5 "$f"; done
+    for f in "$W"/*.log "$W"/*.err; do [ -f "$f" ] && { echo "--- $f"; tail -5 "$f"; }; done
     for p in $pids; do
         [ -d "/proc/$p" ] || continue
         echo "--- threads of $(tr '\0' ' ' <"/proc/$p/cmdline" | cut -c1-60)"
@@ -30,10 +37,20 @@ fail() {
 
 # wait_for FILE PATTERN SECONDS
 wait_for() {
-    i=0
+    local tenths=0
     while ! grep -q "$2" "$1" 2>/dev/null; do
-        i=$((i + 1))
-        [ "$i" -le $(($3 * 10)) ] || fail "timed out waiting for '$2' in $1"
+        tenths=$((tenths + 1))
+        [ "$tenths" -le $(($3 * 10)) ] || fail "timed out waiting for '$2' in $1"
+        sleep 0.1
+    done
+}
+
+# wait_file FILE SECONDS: until FILE exists and is not empty.
+wait_file() {
+    local tenths=0
+    while [ ! -s "$1" ]; do
+        tenths=$((tenths + 1))
+        [ "$tenths" -le $(($2 * 10)) ] || fail "timed out waiting for $1"
         sleep 0.1
     done
 }

@@ -184,7 +184,10 @@ pub enum TransportError {
         max: u16,
     },
     /// An operation did not complete in time.
-    #[error("timed out after {after:?} while {what}; check that the peer is alive, or raise the timeout")]
+    #[error(
+        "timed out after {:.1} s {what}; check that the peer is alive, or raise the timeout",
+        .after.as_secs_f64()
+    )]
     Timeout {
         /// What was being waited for.
         what: &'static str,

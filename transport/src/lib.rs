@@ -97,12 +97,9 @@ pub trait ChannelControl: Send + Sync {
     /// Sets how long [`FrameSource::recv`] may block (`None`: forever).
     fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError>;
 
-    /// Sets how long one write of [`FrameSink::send`] may block on a peer that takes nothing
-    /// (`None`: forever). Transports whose sends are bounded anyway (RDMA's send timeout)
-    /// keep this default.
-    fn set_write_timeout(&self, _timeout: Option<Duration>) -> Result<(), TransportError> {
-        Ok(())
-    }
+    /// Sets how long one write of [`FrameSink::send`] (or a flush) may block on a peer that
+    /// takes nothing (`None`: forever).
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError>;
 
     /// The peer's address, for messages.
     fn peer(&self) -> &str;

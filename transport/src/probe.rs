@@ -111,7 +111,7 @@ pub fn drain(sources: Vec<&mut dyn FrameSource>, limit: Duration) -> Result<u64,
                         n += buf.len() as u64;
                         if Instant::now() > deadline {
                             return Err(TransportError::Timeout {
-                                what: "the link probe to end",
+                                what: "waiting for the link probe to end",
                                 after: limit,
                             });
                         }

@@ -351,7 +351,7 @@ impl RdmaEndpoint {
                     failed: None,
                     eos_posted: false,
                 }),
-                send_timeout: self.opts.send_timeout,
+                send_timeout_ns: AtomicU64::new(timeout_ns(Some(self.opts.send_timeout))),
             });
             let sink = RdmaSink {
                 shared: Arc::clone(&shared),
@@ -605,6 +605,16 @@ struct SendState {
     eos_posted: bool,
 }
 
+/// A timeout as stored in the channel: nanoseconds, [`NO_TIMEOUT`] for none.
+fn timeout_ns(timeout: Option<Duration>) -> u64 {
+    match timeout {
+        None => NO_TIMEOUT,
+        Some(t) => u64::try_from(t.as_nanos())
+            .unwrap_or(NO_TIMEOUT - 1)
+            .min(NO_TIMEOUT - 1),
+    }
+}
+
 /// What both halves and the control share.
 struct Shared {
     qp: QueuePair,
@@ -613,7 +623,8 @@ struct Shared {
     closed: AtomicBool,
     read_timeout_ns: AtomicU64,
     send: Mutex<SendState>,
-    send_timeout: Duration,
+    /// How long a send or flush waits for room or completions; [`NO_TIMEOUT`]: forever.
+    send_timeout_ns: AtomicU64,
 }
 
 /// Busy-polls briefly, then yields, then sleeps 50-200 µs between polls.
@@ -692,6 +703,11 @@ impl Shared {
         Ok(())
     }
 
+    /// How long a send or flush may wait.
+    fn send_timeout(&self) -> Duration {
+        Duration::from_nanos(self.send_timeout_ns.load(Ordering::Relaxed))
+    }
+
     /// Waits (bounded by `timeout`) until `ready` holds, reaping completions.
     fn wait_send(
         &self,
@@ -754,20 +770,24 @@ impl Shared {
     /// everything posted to complete.
     fn send_eos(&self, wait: Duration) -> Result<(), TransportError> {
         {
-            let mut st = self.wait_send(wait, "room to post end of stream", false, |st| {
-                st.inflight.len() < WINDOW
-            })?;
+            let mut st = self.wait_send(
+                wait,
+                "waiting for room to post end of stream",
+                false,
+                |st| st.inflight.len() < WINDOW,
+            )?;
             if st.eos_posted {
                 return Ok(());
             }
             self.post(&mut st, SendOp::SendWithImm(EOS_IMM), &[], None, true)?;
             st.eos_posted = true;
         }
-        drop(
-            self.wait_send(wait, "end of stream to be sent", false, |st| {
-                st.inflight.is_empty()
-            })?,
-        );
+        drop(self.wait_send(
+            wait,
+            "waiting for the end of stream to be sent",
+            false,
+            |st| st.inflight.is_empty(),
+        )?);
         Ok(())
     }
 }
@@ -783,13 +803,14 @@ impl ChannelControl for Shared {
     }
 
     fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
-        let ns = match timeout {
-            None => NO_TIMEOUT,
-            Some(t) => u64::try_from(t.as_nanos())
-                .unwrap_or(NO_TIMEOUT - 1)
-                .min(NO_TIMEOUT - 1),
-        };
-        self.read_timeout_ns.store(ns, Ordering::Relaxed);
+        self.read_timeout_ns
+            .store(timeout_ns(timeout), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        self.send_timeout_ns
+            .store(timeout_ns(timeout), Ordering::Relaxed);
         Ok(())
     }
 
@@ -896,8 +917,8 @@ impl RdmaSink {
         let n = plan.len();
         for (k, &(li, off, remote_addr, rkey, len)) in plan.iter().enumerate() {
             let mut st = sh.wait_send(
-                sh.send_timeout,
-                "room in the RDMA send queue for page writes",
+                sh.send_timeout(),
+                "waiting for room in the RDMA send queue for page writes",
                 true,
                 |st| st.inflight.len() < WINDOW,
             )?;
@@ -932,8 +953,8 @@ impl FrameSink for RdmaSink {
         let sh = Arc::clone(&self.shared);
         let slot = {
             let mut st = sh.wait_send(
-                sh.send_timeout,
-                "a free RDMA send buffer (the receiver is not taking frames)",
+                sh.send_timeout(),
+                "waiting for a free RDMA send buffer (the receiver is not taking frames)",
                 true,
                 |st| st.inflight.len() < WINDOW && (len == 0 || !st.free.is_empty()),
             )?;
@@ -979,11 +1000,14 @@ impl FrameSink for RdmaSink {
 
     fn flush(&mut self) -> Result<(), TransportError> {
         let sh = &self.shared;
-        drop(
-            sh.wait_send(sh.send_timeout, "RDMA sends to complete", false, |st| {
-                st.inflight.is_empty()
-            })?,
-        );
+        // Like a send, a flush gives up once the channel is shut down here: the pipeline's
+        // workers must not outwait a migration that already failed.
+        drop(sh.wait_send(
+            sh.send_timeout(),
+            "waiting for RDMA sends to complete",
+            true,
+            |st| st.inflight.is_empty(),
+        )?);
         Ok(())
     }
 
