@@ -14,6 +14,7 @@ use crossbeam_channel::{select, unbounded, Sender};
 use godwit_transport::Transport;
 
 use crate::api::{Connection, Event, MigrateRequest, Request, Status};
+use crate::migration::forecast;
 use crate::migration::policy::Limits;
 use crate::migration::report::{Outcome, Report};
 use crate::migration::source::{self, SendOptions};
@@ -110,6 +111,20 @@ pub fn serve(
                             (_, false) => set_state(&status, "paused"),
                         }
                     }
+                    Request::Forecast { .. } if state(&status) == "paused" => {
+                        conn.send(&Event::Error { message: IN_DOUBT.into() });
+                    }
+                    Request::Forecast { migrate, sample_ms } => {
+                        cancel.store(false, Ordering::Relaxed);
+                        let opts = send_options(&migrate);
+                        let sample = Duration::from_millis(sample_ms.max(100));
+                        conn.send(&match forecast::forecast(&mut vm, transport, &opts, sample, &cancel) {
+                            Ok(f) => Event::Forecast(Box::new(f)),
+                            Err(e) => Event::Error {
+                                message: format!("the forecast failed: {e}; nothing moved, the VM runs here"),
+                            },
+                        });
+                    }
                     Request::Stop => {
                         conn.send(&Event::Ok);
                         return Ok(AgentExit::Stopped);
@@ -165,7 +180,15 @@ fn migrate(
     cancel: &AtomicBool,
     conn: &mut Connection,
 ) -> Report {
-    let opts = SendOptions {
+    let opts = send_options(m);
+    // A client that goes away does not stop the migration; it just sees no more progress.
+    source::migrate(vm, transport, &opts, cancel, &mut |p| {
+        conn.send(&Event::Progress(p.clone()));
+    })
+}
+
+fn send_options(m: &MigrateRequest) -> SendOptions {
+    SendOptions {
         destination: m.to.clone(),
         streams: NonZeroUsize::new(m.streams).unwrap_or(NonZeroUsize::MIN),
         threads: NonZeroUsize::new(m.threads).unwrap_or(NonZeroUsize::MIN),
@@ -182,11 +205,7 @@ fn migrate(
         auth: m.auth.clone(),
         encrypt_data: m.encrypt_data,
         migration_id: m.migration_id.clone(),
-    };
-    // A client that goes away does not stop the migration; it just sees no more progress.
-    source::migrate(vm, transport, &opts, cancel, &mut |p| {
-        conn.send(&Event::Progress(p.clone()));
-    })
+    }
 }
 
 fn accept_loop(

@@ -14,6 +14,7 @@ use godwit_transport::secure::{AuthError, Credentials, Psk, TlsIdentity};
 use serde::{Deserialize, Serialize};
 
 use crate::migration::dataplane::TransportMode;
+use crate::migration::forecast::Forecast;
 use crate::migration::policy::CompressMode;
 use crate::migration::report::{Progress, Report};
 
@@ -28,6 +29,13 @@ pub enum Request {
     Status,
     /// Move the VM to another host; answered with progress events and a report.
     Migrate(MigrateRequest),
+    /// Predict what `Migrate` would take, moving nothing; answered with a forecast.
+    Forecast {
+        /// The migration it would be.
+        migrate: MigrateRequest,
+        /// How long to watch the guest's writes, in milliseconds.
+        sample_ms: u64,
+    },
     /// Stop a migration in progress (before its point of no return).
     Cancel,
     /// Stop the VM and its process.
@@ -122,6 +130,8 @@ pub enum Event {
     Progress(Progress),
     /// The migration's final report.
     Report(Box<Report>),
+    /// The answer to `Forecast`.
+    Forecast(Box<Forecast>),
     /// The answer to `status`.
     Status(Status),
     /// Done.

@@ -146,20 +146,20 @@ fn a_guest_dirtying_twice_the_link_rate_converges_when_throttling_is_allowed() {
     wait_checked(&logs, 1);
     wait_listening(&logs[1]);
 
-    let r = lab.send(
-        &source,
-        'b',
-        1,
-        &[
-            "--max-bandwidth",
-            LINK,
-            "--allow-throttle",
-            "--max-downtime",
-            "50ms",
-            "--deadline",
-            "60s",
-        ],
-    );
+    let args = [
+        "--max-bandwidth",
+        LINK,
+        "--allow-throttle",
+        "--max-downtime",
+        "50ms",
+        "--deadline",
+        "60s",
+    ];
+    // Said beforehand: pre-copy alone would not make it, throttled it would.
+    let f = lab.forecast(&source, 'b', 1, &args);
+    assert_eq!(f["precopy"]["converges"], false, "{f}");
+    assert_eq!(f["with_throttle"]["converges"], true, "{f}");
+    let r = lab.send(&source, 'b', 1, &args);
     assert_eq!(r["outcome"], "completed", "{r}");
     // It switched over only when the rest fitted the budget; the measured pause is the
     // report's (a loaded host may stretch it, never to a second).
@@ -209,6 +209,65 @@ fn a_guest_dirtying_twice_the_link_rate_converges_when_throttling_is_allowed() {
         .is_some_and(|s| s.success()));
     dest.wait_api();
     wait_checked(&logs, 2);
+    let s = guest(&logs);
+    assert!(s.healthy() && s.boots == 1, "{s:?}");
+}
+
+/// `godwit forecast` measures the guest and the link to the waiting receiver, predicts, and
+/// moves nothing: the receiver goes on waiting and takes the VM afterwards.
+#[test]
+fn a_forecast_comes_before_anything_moves_and_the_receiver_keeps_waiting() {
+    if !common::can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("gwforecast", 44);
+    // The working set written once at full speed, then rewritten at 8 MiB/s.
+    let (mut source, serial0) = lab.boot(
+        0,
+        "dirtier",
+        "256M",
+        "hb_ms=20 wss_mb=64 rate_mbps=8 fill=1",
+        &[],
+    );
+    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
+    let logs = vec![serial0, serial1];
+    wait_checked(&logs, 2);
+    wait_listening(&logs[1]);
+
+    let f = lab.forecast(&source, 'b', 1, &["--sample", "1s"]);
+    assert_eq!(f["precopy"]["converges"], true, "{f}");
+    let sample = &f["guest"];
+    let nonzero = sample["nonzero_bytes"].as_f64().unwrap_or_default();
+    assert!(
+        (64.0 * 1048576.0..256.0 * 1048576.0).contains(&nonzero),
+        "{f}"
+    );
+    let dirty = sample["dirty_bytes_per_sec"].as_f64().unwrap_or_default() / 1048576.0;
+    assert!(
+        dirty > 2.0 && dirty < 32.0,
+        "the guest dirties 8 MiB/s, the forecast saw {dirty}: {f}"
+    );
+    assert!(f["page_bytes_per_sec"].as_f64() > Some(0.0), "{f}");
+    assert!(dest.is_running(), "the receiver stopped after the probe");
+    assert!(source.is_running());
+    let said = std::fs::read_to_string(format!("{}.stderr", logs[1])).unwrap_or_default();
+    assert!(said.contains("answered a link probe"), "{said}");
+
+    let r = lab.send(&source, 'b', 1, &[]);
+    assert_eq!(r["outcome"], "completed", "{r}");
+    eprintln!(
+        "forecast: total {:.0} ms, downtime {:.1} ms; measured: total {:.0} ms, downtime {:.1} ms",
+        f["precopy"]["total_ms"].as_f64().unwrap_or_default(),
+        f["precopy"]["downtime_ms"].as_f64().unwrap_or_default(),
+        r["total_ms"].as_f64().unwrap_or_default(),
+        r["downtime_ms"].as_f64().unwrap_or_default()
+    );
+    assert!(source
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    dest.wait_api();
+    wait_checked(&logs, 1);
     let s = guest(&logs);
     assert!(s.healthy() && s.boots == 1, "{s:?}");
 }

@@ -91,52 +91,22 @@ enum Command {
     },
     /// Move a running VM to a host where `godwit receive` waits.
     Send {
-        /// The VM's API socket.
-        #[arg(long)]
-        api: PathBuf,
-        /// Destination, HOST:PORT.
-        #[arg(long)]
-        to: String,
-        /// The migration id the receiver was started with (or printed).
-        #[arg(long, value_parser = parse_migration_id)]
-        id: String,
         #[command(flatten)]
-        auth: AuthArgs,
-        /// Parallel data streams.
-        #[arg(long, default_value_t = 2)]
-        streams: usize,
-        /// Threads that read, zero-check and compress pages.
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-        /// Compress pages: auto decides from measured link and compression rates.
-        #[arg(long, value_enum, default_value = "auto")]
-        compress: CompressMode,
-        /// Longest acceptable pause of the guest.
-        #[arg(long, default_value = "50ms", value_parser = units::parse_duration)]
-        max_downtime: Duration,
-        /// Most pre-copy rounds before giving up (default: no limit; the deadline rules).
-        #[arg(long)]
-        max_rounds: Option<u32>,
-        /// Longest the whole migration may take before it gives up and the VM runs on here
-        /// (default: 150 s per GiB of guest RAM, at least 60 s).
-        #[arg(long, value_parser = units::parse_duration)]
-        deadline: Option<Duration>,
-        /// Let Godwit slow the guest's vCPUs down (in 10 ms slices) when it dirties memory
-        /// faster than pre-copy can catch up.
-        #[arg(long)]
-        allow_throttle: bool,
-        /// Cap on the transfer rate, e.g. 100M (bytes per second).
-        #[arg(long, value_parser = units::parse_size)]
-        max_bandwidth: Option<u64>,
-        /// How long to wait for each answer of the destination, and for a stream that makes
-        /// no progress, before the migration fails (and the VM runs on here).
-        #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
-        reply_timeout: Duration,
-        /// Data plane: auto uses RDMA when both hosts have a device for the addresses in use,
-        /// and says why when it falls back to TCP.
-        #[arg(long, value_enum, default_value = "auto")]
-        transport: TransportMode,
+        to: MoveArgs,
         /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Say what moving a VM would take, before anything moves: samples the guest's dirty
+    /// rate, measures the link to the waiting `godwit receive` (which goes on waiting), and
+    /// predicts total time, downtime and whether pre-copy alone converges.
+    Forecast {
+        #[command(flatten)]
+        to: MoveArgs,
+        /// How long to watch the guest's writes.
+        #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
+        sample: Duration,
+        /// Print the forecast as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -319,6 +289,83 @@ fn parse_migration_id(s: &str) -> std::result::Result<String, String> {
     }
 }
 
+/// Where and how to move a VM: `send` and `forecast` take the same.
+#[derive(clap::Args, Debug)]
+struct MoveArgs {
+    /// The VM's API socket.
+    #[arg(long)]
+    api: PathBuf,
+    /// Destination, HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// The migration id the receiver was started with (or printed).
+    #[arg(long, value_parser = parse_migration_id)]
+    id: String,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Parallel data streams.
+    #[arg(long, default_value_t = 2)]
+    streams: usize,
+    /// Threads that read, zero-check and compress pages.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Compress pages: auto decides from measured link and compression rates.
+    #[arg(long, value_enum, default_value = "auto")]
+    compress: CompressMode,
+    /// Longest acceptable pause of the guest.
+    #[arg(long, default_value = "50ms", value_parser = units::parse_duration)]
+    max_downtime: Duration,
+    /// Most pre-copy rounds before giving up (default: no limit; the deadline rules).
+    #[arg(long)]
+    max_rounds: Option<u32>,
+    /// Longest the whole migration may take before it gives up and the VM runs on here
+    /// (default: 150 s per GiB of guest RAM, at least 60 s).
+    #[arg(long, value_parser = units::parse_duration)]
+    deadline: Option<Duration>,
+    /// Let Godwit slow the guest's vCPUs down (in 10 ms slices) when it dirties memory
+    /// faster than pre-copy can catch up.
+    #[arg(long)]
+    allow_throttle: bool,
+    /// Cap on the transfer rate, e.g. 100M (bytes per second).
+    #[arg(long, value_parser = units::parse_size)]
+    max_bandwidth: Option<u64>,
+    /// How long to wait for each answer of the destination, and for a stream that makes
+    /// no progress, before the migration fails (and the VM runs on here).
+    #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
+    reply_timeout: Duration,
+    /// Data plane: auto uses RDMA when both hosts have a device for the addresses in use,
+    /// and says why when it falls back to TCP.
+    #[arg(long, value_enum, default_value = "auto")]
+    transport: TransportMode,
+}
+
+impl MoveArgs {
+    /// The request the VM's process runs; checks what can be checked here first.
+    fn request(&self) -> Result<MigrateRequest> {
+        if self.streams == 0 || self.streams > 64 || self.threads == 0 || self.threads > 64 {
+            bail!("--streams and --threads take 1 to 64");
+        }
+        // Checked here for a quick, clear error; the VM's process reads the key itself.
+        self.auth.options()?;
+        Ok(MigrateRequest {
+            to: self.to.clone(),
+            migration_id: self.id.clone(),
+            auth: self.auth.files()?,
+            encrypt_data: !self.auth.no_encrypt,
+            reply_timeout_ms: self.reply_timeout.as_millis() as u64,
+            streams: self.streams,
+            threads: self.threads,
+            compress: self.compress,
+            max_downtime_ms: self.max_downtime.as_millis() as u64,
+            max_rounds: self.max_rounds,
+            deadline_ms: self.deadline.map(|d| d.as_millis() as u64),
+            allow_throttle: self.allow_throttle,
+            max_bandwidth: self.max_bandwidth,
+            transport: self.transport,
+        })
+    }
+}
+
 /// Options of a process that hosts a VM.
 #[derive(clap::Args, Debug)]
 struct HostArgs {
@@ -464,45 +511,9 @@ fn dispatch(cmd: Command) -> Result<i32> {
             );
             serve(vm, host.api.as_deref())
         }
-        Command::Send {
-            api,
-            to,
-            id,
-            auth,
-            streams,
-            threads,
-            compress,
-            max_downtime,
-            max_rounds,
-            deadline,
-            allow_throttle,
-            max_bandwidth,
-            reply_timeout,
-            transport,
-            json,
-        } => {
-            if streams == 0 || streams > 64 || threads == 0 || threads > 64 {
-                bail!("--streams and --threads take 1 to 64");
-            }
-            // Checked here for a quick, clear error; the VM's process reads the key itself.
-            auth.options()?;
-            let mut client = Client::connect(&api)?;
-            client.send(&Request::Migrate(MigrateRequest {
-                to,
-                migration_id: id,
-                auth: auth.files()?,
-                encrypt_data: !auth.no_encrypt,
-                reply_timeout_ms: reply_timeout.as_millis() as u64,
-                streams,
-                threads,
-                compress,
-                max_downtime_ms: max_downtime.as_millis() as u64,
-                max_rounds,
-                deadline_ms: deadline.map(|d| d.as_millis() as u64),
-                allow_throttle,
-                max_bandwidth,
-                transport,
-            }))?;
+        Command::Send { to, json } => {
+            let mut client = Client::connect(&to.api)?;
+            client.send(&Request::Migrate(to.request()?))?;
             let mut bar = render::ProgressBar::new(!json);
             loop {
                 match client.next_event()? {
@@ -525,6 +536,28 @@ fn dispatch(cmd: Command) -> Result<i32> {
                     None => bail!(
                         "the VM process closed the connection before reporting; check its log"
                     ),
+                }
+            }
+        }
+        Command::Forecast { to, sample, json } => {
+            let mut client = Client::connect(&to.api)?;
+            client.send(&Request::Forecast {
+                migrate: to.request()?,
+                sample_ms: sample.as_millis() as u64,
+            })?;
+            match client.next_event()? {
+                Some(Event::Forecast(f)) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&f)?);
+                    } else {
+                        render::print_forecast(&f);
+                    }
+                    Ok(0)
+                }
+                Some(Event::Error { message }) => bail!("{message}"),
+                Some(other) => bail!("unexpected answer {other:?}"),
+                None => {
+                    bail!("the VM process closed the connection before answering; check its log")
                 }
             }
         }

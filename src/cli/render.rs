@@ -4,6 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use godwit::heartbeat::Summary;
+use godwit::migration::forecast::{Forecast, Prediction};
 use godwit::migration::report::{Outcome, Progress, Report};
 
 fn mib(b: f64) -> f64 {
@@ -59,6 +60,13 @@ impl ProgressBar {
             p.eta_secs,
         );
         let mut err = std::io::stderr().lock();
+        if let Some(why) = &p.eta_rose_because {
+            // Its own line, so it stays on screen after the bar moves on.
+            if self.drawn {
+                let _ = writeln!(err);
+            }
+            let _ = writeln!(err, "ETA up to {:.1} s: {why}", p.eta_secs);
+        }
         if self.tty {
             let _ = write!(err, "\r{line}\x1b[K");
             self.drawn = true;
@@ -170,6 +178,57 @@ pub fn print_report(r: &Report) {
             "destination or nowhere (in doubt): check both hosts"
         }
     );
+}
+
+/// Prints a forecast.
+pub fn print_forecast(f: &Forecast) {
+    let g = &f.guest;
+    println!(
+        "forecast: {:.0} MiB guest RAM, {:.0} MiB of it not zero (what round 1 sends)",
+        mib(g.memory_bytes as f64),
+        mib(g.nonzero_bytes as f64)
+    );
+    println!(
+        "  guest:        dirties {:.1} MiB/s, working set {:.1} MiB (watched {:.1} s); lz4 ratio {:.2}",
+        mib(g.dirty_bytes_per_sec),
+        mib(g.working_set_bytes as f64),
+        g.sample_ms / 1e3,
+        g.compression_ratio
+    );
+    println!(
+        "  link:         {:.1} MiB/s of pages through the pipeline; connecting and authenticating {:.0} ms",
+        mib(f.page_bytes_per_sec),
+        f.setup_ms
+    );
+    println!(
+        "  budgets:      downtime {:.0} ms, deadline {:.0} s",
+        f.max_downtime_ms,
+        f.deadline_ms / 1e3
+    );
+    let line = |what: &str, p: &Prediction| {
+        if p.converges {
+            let throttle = if p.throttle_percent > 0 {
+                format!(", throttled up to {}%", p.throttle_percent)
+            } else {
+                String::new()
+            };
+            println!(
+                "  {what}converges: total {:.1} s, downtime {:.1} ms, {} rounds{throttle}",
+                p.total_ms / 1e3,
+                p.downtime_ms,
+                p.rounds
+            );
+        } else {
+            println!(
+                "  {what}does NOT converge: {}",
+                p.why_not.as_deref().unwrap_or("")
+            );
+        }
+    };
+    line("pre-copy alone ", &f.precopy);
+    if let Some(p) = &f.with_throttle {
+        line("with throttling ", p);
+    }
 }
 
 /// Prints what the guest's serial logs show.

@@ -53,42 +53,68 @@ pub struct Received {
     pub total: Duration,
 }
 
-/// Waits for one migration on `listener` and returns the VM, running.
+/// Link probes (`godwit forecast`) a receiver answers while it waits for its VM.
+const MAX_LINK_PROBES: usize = 32;
+
+/// What one authenticated connection was for.
+enum Served {
+    /// The migration: the VM runs here, after this many rounds over this plane.
+    Vm(Box<Vm>, u32, &'static str),
+    /// A forecast's link probe; the receiver goes on waiting.
+    LinkProbe,
+}
+
+/// Waits for one migration on `listener` and returns the VM, running. A forecast's link
+/// probe on the way is answered, and the wait goes on.
 pub fn receive(
     listener: &mut dyn TransportListener,
     opts: &ReceiveOptions,
     serial: SerialSink,
 ) -> Result<(Vm, Received), MigrationError> {
-    let conn = admit(listener, opts)?;
-    let started = Instant::now();
-    let aborts: Vec<_> = std::iter::once(&conn.control)
-        .chain(&conn.data)
-        .map(|c| c.abort_handle())
-        .collect();
-    let result = Session::new().run(conn, opts, serial);
-    if result.is_err() {
-        for a in &aborts {
-            let _ = a.shutdown();
+    let deadline = Instant::now() + opts.accept_timeout;
+    let mut serial = Some(serial);
+    for _ in 0..MAX_LINK_PROBES {
+        let conn = admit(listener, opts, deadline)?;
+        let peer = conn.control.peer().to_string();
+        let started = Instant::now();
+        let aborts: Vec<_> = std::iter::once(&conn.control)
+            .chain(&conn.data)
+            .map(|c| c.abort_handle())
+            .collect();
+        let result = Session::new().run(conn, opts, &mut serial);
+        if !matches!(result, Ok(Served::Vm(..))) {
+            for a in &aborts {
+                let _ = a.shutdown();
+            }
+        }
+        match result? {
+            Served::Vm(vm, rounds, transport) => {
+                let received = Received {
+                    transport,
+                    guest_memory_bytes: vm.layout().total_bytes(),
+                    rounds,
+                    total: started.elapsed(),
+                };
+                return Ok((*vm, received));
+            }
+            Served::LinkProbe => eprintln!(
+                "godwit: answered a link probe from {peer} (godwit forecast); still waiting for the VM"
+            ),
         }
     }
-    let (vm, rounds, transport) = result?;
-    let received = Received {
-        transport,
-        guest_memory_bytes: vm.layout().total_bytes(),
-        rounds,
-        total: started.elapsed(),
-    };
-    Ok((vm, received))
+    Err(MigrationError::Refused(format!(
+        "{MAX_LINK_PROBES} link probes and no migration; restart the receiver"
+    )))
 }
 
-/// Accepts connections until one authenticates, within the accept timeout. A stranger, or
-/// a host with another key, is refused (it learns only that) and the receiver keeps waiting
-/// for its migration.
+/// Accepts connections until one authenticates, before `deadline`. A stranger, or a host
+/// with another key, is refused (it learns only that) and the receiver keeps waiting for
+/// its migration.
 fn admit(
     listener: &mut dyn TransportListener,
     opts: &ReceiveOptions,
+    deadline: Instant,
 ) -> Result<Connection, MigrationError> {
-    let deadline = Instant::now() + opts.accept_timeout;
     for _ in 0..MAX_REFUSED {
         let conn = listener.accept(deadline.saturating_duration_since(Instant::now()))?;
         let peer = conn.control.peer().to_string();
@@ -121,6 +147,15 @@ fn send_message(sink: &mut dyn FrameSink, msg: &Message) -> Result<(), Migration
     sink.send(&[&protocol::encode(msg)])?;
     sink.flush()?;
     Ok(())
+}
+
+/// The refusal of a source that names another migration.
+fn wrong_id(opts: &ReceiveOptions, theirs: &str) -> String {
+    format!(
+        "this receiver waits for migration {:?}, not {theirs:?}; give `godwit send --id` the id \
+         `godwit receive` printed",
+        opts.migration_id
+    )
 }
 
 /// Whether this host can take the VM the source describes; the refusal says what to fix.
@@ -187,8 +222,8 @@ impl Session {
         &mut self,
         conn: Connection,
         opts: &ReceiveOptions,
-        serial: SerialSink,
-    ) -> Result<(Vm, u32, &'static str), MigrationError> {
+        serial: &mut Option<SerialSink>,
+    ) -> Result<Served, MigrationError> {
         let result = self.steps(conn, opts, serial);
         if result.is_err() {
             self.go(DestinationPhase::Failed);
@@ -200,9 +235,10 @@ impl Session {
         &mut self,
         conn: Connection,
         opts: &ReceiveOptions,
-        serial: SerialSink,
-    ) -> Result<(Vm, u32, &'static str), MigrationError> {
+        serial: &mut Option<SerialSink>,
+    ) -> Result<Served, MigrationError> {
         let data_streams = conn.data.len();
+        let mut data = conn.data;
         let peer = conn.control.peer().to_string();
         let (mut control, mut ctl_source, _) = conn.control.into_parts();
         let mut buf = Vec::new();
@@ -210,6 +246,26 @@ impl Session {
         // Handshake: judge, build, accept.
         let hello = match recv_message(&mut *ctl_source, &mut buf) {
             Ok(Message::Hello(h)) => h,
+            Ok(Message::ProbeLink {
+                migration_id,
+                streams,
+            }) => {
+                let mut refuse = |why: String| {
+                    let _ = send_message(&mut *control, &Message::Refuse(why.clone()));
+                    Err(MigrationError::Refused(why))
+                };
+                if migration_id != opts.migration_id {
+                    return refuse(wrong_id(opts, &migration_id));
+                }
+                if usize::from(streams) != data_streams {
+                    return refuse(format!(
+                        "the forecast announced {streams} data streams but {data_streams} connected"
+                    ));
+                }
+                send_message(&mut *control, &Message::Accept)?;
+                dataplane::probe::drain(&mut data, &mut |m| send_message(&mut *control, m))?;
+                return Ok(Served::LinkProbe);
+            }
             // Say why, in this side's version: a source of another release reads that as
             // "the peer speaks version N", which names the fix.
             Err(e @ MigrationError::Protocol(_)) => {
@@ -225,11 +281,7 @@ impl Session {
             }
         };
         if hello.migration_id != opts.migration_id {
-            let why = format!(
-                "this receiver waits for migration {:?}, not {:?}; give `godwit send --id` the id \
-                 `godwit receive` printed",
-                opts.migration_id, hello.migration_id
-            );
+            let why = wrong_id(opts, &hello.migration_id);
             let _ = send_message(&mut *control, &Message::Refuse(why.clone()));
             return Err(MigrationError::Refused(why));
         }
@@ -242,6 +294,9 @@ impl Session {
             layout: hello.layout.clone(),
             tsc_khz: Some(hello.tsc_khz),
         };
+        let serial = serial
+            .take()
+            .ok_or_else(|| MigrationError::Refused("this receiver already took a VM".into()))?;
         let vm = match Vm::incoming(&config, &hello.cpuid, serial) {
             Ok(vm) => vm,
             Err(e) => {
@@ -262,7 +317,7 @@ impl Session {
             vm.ram_areas(),
             &mut |m| send_message(&mut *control, m),
             &mut || recv_message(&mut *ctl_source, &mut buf),
-            conn.data,
+            data,
         )?;
         let (events_tx, events) = unbounded();
         let mut sources = Vec::with_capacity(data_streams);
@@ -342,7 +397,7 @@ impl Session {
         self.go(DestinationPhase::Running);
         // The VM runs here now whatever happens to this message; the source releases on it.
         let _ = send_message(&mut *control, &Message::Resumed);
-        Ok((vm, final_round, plane.name))
+        Ok(Served::Vm(Box::new(vm), final_round, plane.name))
     }
 }
 

@@ -25,7 +25,9 @@
 pub mod batch;
 pub mod dataplane;
 pub mod destination;
+pub mod eta;
 pub mod faults;
+pub mod forecast;
 pub mod phase;
 pub mod pipeline;
 pub mod policy;

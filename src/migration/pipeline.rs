@@ -111,9 +111,10 @@ pub struct BatchStats {
     pub raw_bytes: u64,
     /// Bytes on the wire.
     pub wire_bytes: u64,
-    /// Raw bytes that went compressed, and what they became.
+    /// Raw bytes lz4 was tried on, and what they became (raw size for a batch that did not
+    /// shrink and went raw).
     pub compressed_raw: u64,
-    /// Compressed size of `compressed_raw`.
+    /// Size on the wire of `compressed_raw`.
     pub compressed_wire: u64,
     /// Time spent compressing.
     pub compress_time: Duration,
@@ -309,6 +310,19 @@ impl SendPipeline {
     }
 }
 
+impl SendPipeline {
+    /// Sends `frame` on every stream: how a forecast's burst of real page batches ends, with
+    /// the transport's end-of-burst frame.
+    pub fn send_on_every_stream(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
+        for stream in self.streams.iter() {
+            let mut st = stream.lock().map_err(|_| MigrationError::PipelineClosed)?;
+            st.sink.send(&[frame])?;
+            st.sink.flush()?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for SendPipeline {
     fn drop(&mut self) {
         self.jobs = None;
@@ -431,12 +445,15 @@ fn send_batch(
         zero_pages: es.zero_pages as u64,
         raw_bytes: es.raw_bytes as u64,
         wire_bytes: wire,
-        compressed_raw: if es.compressed {
+        // Every batch lz4 was tried on counts, also one that did not shrink and went raw:
+        // otherwise incompressible pages would never show a ratio of 1 and `auto` would
+        // keep compressing at the ratio it assumed.
+        compressed_raw: if job.compression == Compression::Lz4 {
             es.raw_bytes as u64
         } else {
             0
         },
-        compressed_wire: if es.compressed {
+        compressed_wire: if job.compression == Compression::Lz4 {
             payload.len() as u64
         } else {
             0

@@ -405,6 +405,17 @@ mod tests {
     }
 
     #[test]
+    fn incompressible_pages_turn_compression_off_even_on_a_slow_link() {
+        let mut e = Estimates::default();
+        e.record_round(64 << 20, Some(64 << 20), Duration::from_secs(1), 0);
+        // Before any measurement the assumed ratio of 2 makes lz4 worth trying at 64 MiB/s...
+        assert!(e.compression_pays(2));
+        // ...and a round of pages that did not shrink ends that.
+        e.record_compression(64 << 20, 64 << 20, Duration::from_millis(50));
+        assert!(!e.compression_pays(2));
+    }
+
+    #[test]
     fn predicts_the_precopy_time_only_when_it_converges() {
         let mut e = Estimates::default();
         e.record_round(100 << 20, Some(100 << 20), Duration::from_secs(1), 50 << 20);

@@ -17,7 +17,7 @@ use crate::vmm::state::VmState;
 /// The control protocol's magic.
 const MAGIC: &[u8; 4] = b"GDWM";
 /// The version this build speaks. Bump it on any change to [`Message`] or the batch format.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The largest control message accepted (a VM state is about 10 KiB a vCPU).
 const MAX_MESSAGE: u64 = 2 << 20;
 
@@ -43,7 +43,17 @@ pub struct Hello {
 pub enum Message {
     /// Source to destination: the handshake.
     Hello(Box<Hello>),
-    /// Destination to source: the VM is built and memory may flow.
+    /// Source to destination, instead of `Hello`: `godwit forecast` times a burst on the
+    /// data streams (each ending with the transport's end-of-burst frame) and goes; the
+    /// destination answers `Accept` or `Refuse`, then `ProbeDrained`, and waits on for the VM.
+    ProbeLink {
+        /// The migration the forecast is for: only its receiver answers.
+        migration_id: String,
+        /// Data streams that follow the control channel.
+        streams: u16,
+    },
+    /// Destination to source: the VM is built and memory may flow (or, after `ProbeLink`,
+    /// the burst may come).
     Accept,
     /// Destination to source: the migration is refused, and why (what to fix).
     Refuse(String),
@@ -99,6 +109,7 @@ impl Message {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Hello(_) => "Hello",
+            Self::ProbeLink { .. } => "ProbeLink",
             Self::Accept => "Accept",
             Self::Refuse(_) => "Refuse",
             Self::UseTcp => "UseTcp",

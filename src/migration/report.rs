@@ -102,8 +102,12 @@ pub struct Progress {
     pub rate_bytes_per_sec: f64,
     /// Rate at which the guest dirtied memory in the last round.
     pub dirty_bytes_per_sec: f64,
-    /// Estimated seconds until switchover.
+    /// Estimated seconds until the migration ends: it counts down, and rises only with
+    /// `eta_rose_because`.
     pub eta_secs: f64,
+    /// Why the ETA just went up (which measurement moved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_rose_because: Option<String>,
     /// How much the guest is throttled, in percent.
     pub throttle_percent: u32,
 }

@@ -11,7 +11,9 @@ use godwit_transport::{AbortHandle, ConnectOptions, FrameSink, FrameSource, Tran
 
 use super::batch::Compression;
 use super::dataplane::{self, SourceSide, TransportMode};
+use super::eta::{Basis, Eta};
 use super::faults;
+use super::forecast;
 use super::phase::{PhaseLog, SourcePhase};
 use super::pipeline::{Interrupt, RateLimiter, SendPipeline};
 use super::policy::{CompressMode, Decision, Estimates, Limits, Standing};
@@ -22,6 +24,9 @@ use super::report::{
 use super::MigrationError;
 use crate::vmm::memory::{DirtyBitmap, PAGE_SIZE};
 use crate::vmm::Vm;
+
+/// Pages sampled before round 1 to see how well the guest's memory compresses.
+const COMPRESSION_SAMPLE_PAGES: u64 = 1024;
 
 /// How often live progress is reported.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -55,10 +60,10 @@ pub struct SendOptions {
 
 /// Control messages from the destination, read by a thread so the driver can wait with a
 /// timeout and notice an abort between rounds.
-struct Inbox(Receiver<Result<Message, MigrationError>>);
+pub(crate) struct Inbox(Receiver<Result<Message, MigrationError>>);
 
 impl Inbox {
-    fn spawn(source: Box<dyn FrameSource>) -> Self {
+    pub(crate) fn spawn(source: Box<dyn FrameSource>) -> Self {
         Self(protocol::spawn_inbox(source))
     }
 
@@ -76,7 +81,11 @@ impl Inbox {
 
     /// Waits for the next message that is not a (late) `RoundApplied`: the destination may
     /// report the final round applied before it reads the switchover.
-    fn wait(&self, what: &'static str, timeout: Duration) -> Result<Message, MigrationError> {
+    pub(crate) fn wait(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<Message, MigrationError> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -125,6 +134,7 @@ struct Run<'a> {
     started: Instant,
     deadline: Duration,
     escalations: Vec<Escalation>,
+    eta: Eta,
 }
 
 /// Shuts every channel down when dropped.
@@ -168,6 +178,7 @@ pub fn migrate(
         started,
         deadline,
         escalations: Vec::new(),
+        eta: Eta::default(),
     };
     let result = run.drive(transport, cancel, progress);
     for a in &run.aborts {
@@ -391,6 +402,17 @@ impl Run<'_> {
         // Pre-copy.
         self.vm.set_dirty_logging(true)?;
         let layout = self.vm.layout().clone();
+        if self.opts.compress == CompressMode::Auto {
+            // How well this guest's pages compress, from a spread of them (a few ms), so round
+            // 1 does not compress on an assumed ratio.
+            let step = (layout.total_pages() / COMPRESSION_SAMPLE_PAGES).max(1) as usize;
+            let all = DirtyBitmap::all(&layout);
+            let spread = all.pages(&layout).step_by(step);
+            if let Some((ratio, speed)) = forecast::compression_sample(self.vm.memory(), spread)? {
+                self.estimates.compression_ratio = ratio;
+                self.estimates.compress_bytes_per_sec = speed;
+            }
+        }
         let mut dirty = DirtyBitmap::all(&layout);
         let mut round = 1;
         self.go(SourcePhase::PreCopy(1));
@@ -587,6 +609,10 @@ impl Run<'_> {
         let sent_before = self.bytes_sent;
         let dirty_rate = self.estimates.dirty_bytes_per_sec;
         let throttle = self.vm.throttle();
+        let estimates = self.estimates.clone();
+        let max_downtime = self.opts.limits.max_downtime;
+        let deadline_at = self.started + self.deadline;
+        let eta = &mut self.eta;
         let stats =
             pipeline.send_round(round, dirty.pages(&layout), compression, interrupt, |s| {
                 let now = Instant::now();
@@ -597,13 +623,27 @@ impl Run<'_> {
                 let secs = now.duration_since(started).as_secs_f64().max(1e-6);
                 let rate = (s.pages * PAGE_SIZE) as f64 / secs;
                 let remaining = total_pages.saturating_sub(s.pages) * PAGE_SIZE;
+                // The rest of this round, the rounds the rates still call for, the pause; or,
+                // if pre-copy does not converge at these rates, the deadline.
+                let round_left = remaining as f64 / rate.max(1.0);
+                let dirty_then = (dirty_rate * (secs + round_left)) as u64;
+                let estimate = match estimates.precopy_time(dirty_then, max_downtime) {
+                    Some(t) => round_left + (t + max_downtime).as_secs_f64(),
+                    None => deadline_at.saturating_duration_since(now).as_secs_f64(),
+                };
+                let basis = Basis {
+                    dirty_bytes_per_sec: dirty_rate,
+                    page_bytes_per_sec: rate,
+                };
+                let (eta_secs, eta_rose_because) = eta.update(now, estimate, basis);
                 progress(&Progress {
                     round,
                     transferred_bytes: sent_before + s.wire_bytes,
                     remaining_bytes: remaining,
                     rate_bytes_per_sec: rate,
                     dirty_bytes_per_sec: dirty_rate,
-                    eta_secs: remaining as f64 / rate.max(1.0),
+                    eta_secs,
+                    eta_rose_because,
                     throttle_percent: throttle,
                 });
             })?;

@@ -222,7 +222,7 @@ impl Lab {
 
     /// Mends the soft-RoCE lab's wire after a test that failed with it cut or stalled: it
     /// outlives the test, unlike a pair of namespaces.
-    fn mend_wire(&self) {
+    pub fn mend_wire(&self) {
         let unstall = self.on_host('a', "nft", &["delete", "table", "inet", "godwit_stall"]);
         for mut cmd in std::iter::once(unstall).chain(self.link_commands(true)) {
             let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
@@ -368,10 +368,34 @@ impl Lab {
         auth: &[String],
         extra: &[&str],
     ) -> Command {
+        self.move_command("send", from, to, n, auth, extra)
+    }
+
+    /// `godwit forecast` for the move [`Lab::send`] would make; returns the JSON forecast.
+    pub fn forecast(
+        &self,
+        from: &VmProcess,
+        to: char,
+        n: usize,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let cmd = self.move_command("forecast", from, to, n, &self.auth_args(from.host), extra);
+        report(&run_bounded(cmd, MOVE_TIMEOUT))
+    }
+
+    fn move_command(
+        &self,
+        sub: &str,
+        from: &VmProcess,
+        to: char,
+        n: usize,
+        auth: &[String],
+        extra: &[&str],
+    ) -> Command {
         let dest = format!("{}:7000", self.addr(to));
         let id = format!("m{n}");
         let mut args = vec![
-            "send", "--api", &from.api, "--to", &dest, "--json", "--id", &id,
+            sub, "--api", &from.api, "--to", &dest, "--json", "--id", &id,
         ];
         if self.wire == Wire::Rxe {
             args.extend(["--transport", "rdma"]);

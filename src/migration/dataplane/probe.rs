@@ -113,17 +113,25 @@ pub(crate) fn destination(
     send: &mut dyn FnMut(&Message) -> Result<(), MigrationError>,
 ) -> Result<(), MigrationError> {
     for plane in [tcp, rdma] {
-        for c in plane.iter() {
-            c.set_read_timeout(Some(DRAIN_LIMIT))?;
-        }
-        let sources = plane
-            .iter_mut()
-            .map(|c| &mut *c.source as &mut dyn FrameSource)
-            .collect();
-        probe::drain(sources, DRAIN_LIMIT)?;
-        send(&Message::ProbeDrained)?;
+        drain(plane, send)?;
     }
     Ok(())
+}
+
+/// Drains one plane's burst and says so.
+pub(crate) fn drain(
+    plane: &mut [Channel],
+    send: &mut dyn FnMut(&Message) -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    for c in plane.iter() {
+        c.set_read_timeout(Some(DRAIN_LIMIT))?;
+    }
+    let sources = plane
+        .iter_mut()
+        .map(|c| &mut *c.source as &mut dyn FrameSource)
+        .collect();
+    probe::drain(sources, DRAIN_LIMIT)?;
+    send(&Message::ProbeDrained)
 }
 
 #[cfg(test)]
