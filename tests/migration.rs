@@ -88,11 +88,7 @@ fn a_guest_dirtying_twice_the_link_rate_fails_at_its_deadline_and_keeps_running(
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwfast", 42);
-    let (mut source, serial0) = lab.boot(0, "dirtier", "256M", TWICE_THE_LINK, &[]);
-    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
-    let logs = vec![serial0, serial1];
-    wait_checked(&logs, 1);
-    wait_listening(&logs[1]);
+    let (mut source, mut dest, logs) = lab.pair("dirtier", "256M", TWICE_THE_LINK, 1);
 
     // Neither throttling nor post-copy allowed: pre-copy alone cannot converge.
     let r = lab.send(
@@ -139,12 +135,8 @@ fn a_guest_dirtying_twice_the_link_rate_converges_when_throttling_is_allowed() {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::up("gwthrottle", 43);
-    let (mut source, serial0) = lab.boot(0, "dirtier", "256M", TWICE_THE_LINK, &[]);
-    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
-    let logs = vec![serial0, serial1];
-    wait_checked(&logs, 1);
-    wait_listening(&logs[1]);
+    let lab = Lab::up("gwthrottle", 49);
+    let (mut source, mut dest, logs) = lab.pair("dirtier", "256M", TWICE_THE_LINK, 1);
 
     let args = [
         "--max-bandwidth",
@@ -203,14 +195,7 @@ fn a_guest_dirtying_twice_the_link_rate_converges_when_throttling_is_allowed() {
         predicted
     );
 
-    // One copy, on the destination, intact and never rebooted.
-    assert!(source
-        .wait_exit(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
-    dest.wait_api();
-    wait_checked(&logs, 2);
-    let s = guest(&logs);
-    assert!(s.healthy() && s.boots == 1, "{s:?}");
+    common::assert_moved(&mut source, &mut dest, &logs);
 }
 
 /// `godwit forecast` measures the guest and the link to the waiting receiver, predicts, and
@@ -221,19 +206,14 @@ fn a_forecast_comes_before_anything_moves_and_the_receiver_keeps_waiting() {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::up("gwforecast", 44);
+    let lab = Lab::up("gwforecast", 50);
     // The working set written once at full speed, then rewritten at 8 MiB/s.
-    let (mut source, serial0) = lab.boot(
-        0,
+    let (mut source, mut dest, logs) = lab.pair(
         "dirtier",
         "256M",
         "hb_ms=20 wss_mb=64 rate_mbps=8 fill=1",
-        &[],
+        2,
     );
-    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
-    let logs = vec![serial0, serial1];
-    wait_checked(&logs, 2);
-    wait_listening(&logs[1]);
 
     let f = lab.forecast(&source, 'b', 1, &["--sample", "1s"]);
     assert_eq!(f["precopy"]["converges"], true, "{f}");
@@ -263,13 +243,7 @@ fn a_forecast_comes_before_anything_moves_and_the_receiver_keeps_waiting() {
         r["total_ms"].as_f64().unwrap_or_default(),
         r["downtime_ms"].as_f64().unwrap_or_default()
     );
-    assert!(source
-        .wait_exit(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
-    dest.wait_api();
-    wait_checked(&logs, 1);
-    let s = guest(&logs);
-    assert!(s.healthy() && s.boots == 1, "{s:?}");
+    common::assert_moved(&mut source, &mut dest, &logs);
 }
 
 #[test]
@@ -325,11 +299,7 @@ fn requiring_rdma_without_a_device_fails_cleanly_and_keeps_the_vm() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwnordma", 44);
-    let (mut source, serial0) = lab.boot(0, "memcheck", "128M", "hb_ms=20 wss_mb=32", &[]);
-    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
-    let logs = vec![serial0, serial1];
-    wait_checked(&logs, 1);
-    wait_listening(&logs[1]);
+    let (mut source, mut dest, logs) = lab.pair("memcheck", "128M", "hb_ms=20 wss_mb=32", 1);
 
     let r = lab.send(&source, 'b', 1, &["--transport", "rdma"]);
     assert_eq!(r["outcome"], "failed", "{r}");
@@ -356,11 +326,7 @@ fn a_wrong_key_or_migration_id_is_refused_and_the_vm_stays_put() {
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up("gwauth", 45);
-    let (mut source, serial0) = lab.boot(0, "memcheck", "128M", "hb_ms=20 wss_mb=32", &[]);
-    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
-    let mut logs = vec![serial0, serial1];
-    wait_checked(&logs, 1);
-    wait_listening(&logs[1]);
+    let (mut source, mut dest, mut logs) = lab.pair("memcheck", "128M", "hb_ms=20 wss_mb=32", 1);
 
     // A source with another key: refused in the handshake, before anything about the VM
     // crosses; the receiver keeps waiting for its migration.
@@ -408,11 +374,7 @@ fn certificates_from_the_operator_ca_move_a_vm_and_a_stranger_ca_is_refused() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut lab = Lab::up("gwtls", 47);
     lab.use_certificates();
-    let (mut source, serial0) = lab.boot(0, "memcheck", "128M", "hb_ms=20 wss_mb=32", &[]);
-    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
-    let logs = vec![serial0, serial1];
-    wait_checked(&logs, 1);
-    wait_listening(&logs[1]);
+    let (mut source, mut dest, logs) = lab.pair("memcheck", "128M", "hb_ms=20 wss_mb=32", 1);
 
     // A certificate from another CA (say, another cluster's) gets nothing.
     let other = lab.path("other-ca");

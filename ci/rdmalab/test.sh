@@ -38,21 +38,35 @@ cargo build --release --bin godwit
 
 echo "rdmalab/test.sh: running the RDMA tests inside the lab VM" >&2
 # lab TIMEOUT COMMAND: one boot of the lab running COMMAND. When the lab itself fails (the VM
-# does not boot, or its kernel dies and reports no exit status: 125), it boots once more and
-# says so; a test that fails is never run again.
+# does not boot, its kernel dies and reports no exit status: 125, or it stops making progress
+# and runs out of time: 124), it boots once more and says so; a test that fails is never run
+# again.
 lab() {
     local rc attempt
     for attempt in 1 2; do
         rc=0
         ci/rdmalab/run.sh --timeout "$1" -- sh -c "$2" || rc=$?
-        ((rc == 125)) || return "$rc"
-        echo "rdmalab/test.sh: THE LAB VM FAILED (attempt $attempt: did not boot or its kernel died; see above)" >&2
+        ((rc == 125 || rc == 124)) || return "$rc"
+        echo "rdmalab/test.sh: THE LAB VM FAILED (attempt $attempt, exit $rc: it did not boot, its kernel died, or it hung; see above)" >&2
     done
     return "$rc"
 }
 lab 600 "$bin rdma:: --test-threads=1 && tests/lab/rdma_migration.sh && tests/lab/rdma_receiver_killed.sh"
 # The faults at every phase, over RDMA, one boot per fault so a lab failure costs one of them
-# (cancelling is the same code on either plane: TCP only).
+# (cancelling is the same code on either plane: TCP only). The nested KVM of this emulated lab
+# is not reliable (ci/rdmalab/README.md): a fault whose lab died or hung twice is reported as
+# not run here, while any failed assertion fails CI. The same matrix runs over TCP on the
+# host's real KVM in tests/faults.rs, where nothing is excused.
+unavailable=()
 for fault in receiver_killed source_killed link_cut link_stalled; do
-    lab 900 "GODWIT_RXE_LAB=1 $faults --test-threads=1 --nocapture $fault"
+    rc=0
+    lab 480 "GODWIT_RXE_LAB=1 $faults --test-threads=1 --nocapture $fault" || rc=$?
+    if ((rc == 124 || rc == 125)); then
+        unavailable+=("$fault")
+    elif ((rc != 0)); then
+        exit "$rc"
+    fi
 done
+if ((${#unavailable[@]})); then
+    echo "rdmalab/test.sh: WARNING: the lab VM failed twice, so these RDMA fault tests did not run: ${unavailable[*]}" >&2
+fi

@@ -24,7 +24,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use godwit_transport::secure::{self, AuthOptions};
-use godwit_transport::{ConnectOptions, Transport};
+use godwit_transport::Transport;
 use lz4_flex::block::{compress_into, get_maximum_output_size};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -33,7 +33,7 @@ use super::batch::{is_zero_page, Compression};
 use super::pipeline::{Interrupt, RateLimiter, SendPipeline};
 use super::policy::{CompressMode, Decision, Estimates, Limits, Standing};
 use super::protocol::{self, Message};
-use super::source::{Inbox, SendOptions};
+use super::source::{connect, Inbox, SendOptions};
 use super::MigrationError;
 use crate::vmm::memory::{DirtyBitmap, GuestMemory, PAGE_SIZE};
 use crate::vmm::Vm;
@@ -294,19 +294,7 @@ fn measure_pipeline(
         credentials: opts.auth.load()?,
         encrypt_data: opts.encrypt_data,
     };
-    let conn = transport.connect(
-        &opts.destination,
-        opts.streams,
-        &ConnectOptions {
-            connect_timeout: opts.reply_timeout,
-            handshake_timeout: opts.reply_timeout,
-            ..ConnectOptions::default()
-        },
-    )?;
-    for c in std::iter::once(&conn.control).chain(&conn.data) {
-        c.set_write_timeout(Some(opts.reply_timeout))?;
-    }
-    let conn = secure::client(conn, &auth)?;
+    let conn = secure::client(connect(transport, opts)?, &auth)?;
     let aborts: Vec<_> = std::iter::once(&conn.control)
         .chain(&conn.data)
         .map(|c| c.abort_handle())
@@ -319,19 +307,10 @@ fn measure_pipeline(
     };
     control.send(&[&protocol::encode(&probe_link)])?;
     control.flush()?;
-    match inbox.wait(
+    inbox.wait_accept(
         "the destination's answer to the link probe",
         opts.reply_timeout,
-    )? {
-        Message::Accept => {}
-        Message::Refuse(why) => return Err(MigrationError::Refused(why)),
-        m => {
-            return Err(MigrationError::Unexpected {
-                expected: "Accept",
-                got: m.name(),
-            })
-        }
-    }
+    )?;
     let setup = started.elapsed();
 
     // Round 1's compression choice: on, off, or (auto) what the sampled ratio says.

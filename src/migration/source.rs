@@ -7,7 +7,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
 use godwit_transport::secure::{self, AuthOptions};
-use godwit_transport::{AbortHandle, ConnectOptions, FrameSink, FrameSource, Transport};
+use godwit_transport::{
+    AbortHandle, ConnectOptions, Connection, FrameSink, FrameSource, Transport,
+};
 
 use super::batch::Compression;
 use super::dataplane::{self, SourceSide, TransportMode};
@@ -96,6 +98,22 @@ impl Inbox {
         }
     }
 
+    /// Waits for the destination's `Accept`; a `Refuse` fails with the destination's reason.
+    pub(crate) fn wait_accept(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<(), MigrationError> {
+        match self.wait(what, timeout)? {
+            Message::Accept => Ok(()),
+            Message::Refuse(why) => Err(MigrationError::Refused(why)),
+            m => Err(MigrationError::Unexpected {
+                expected: "Accept",
+                got: m.name(),
+            }),
+        }
+    }
+
     /// Waits until the destination has applied round `round`.
     fn wait_applied(&self, round: u32, timeout: Duration) -> Result<(), MigrationError> {
         let deadline = Instant::now() + timeout;
@@ -146,6 +164,28 @@ impl Drop for ShutdownOnDrop {
             let _ = a.shutdown();
         }
     }
+}
+
+/// Connects the control channel and the data streams to the destination (not yet
+/// authenticated), each write bounded by the reply timeout: a write into a dead link fails in
+/// bounded time instead of hanging the migration.
+pub(crate) fn connect(
+    transport: &dyn Transport,
+    opts: &SendOptions,
+) -> Result<Connection, MigrationError> {
+    let conn = transport.connect(
+        &opts.destination,
+        opts.streams,
+        &ConnectOptions {
+            connect_timeout: opts.reply_timeout,
+            handshake_timeout: opts.reply_timeout,
+            ..ConnectOptions::default()
+        },
+    )?;
+    for c in std::iter::once(&conn.control).chain(&conn.data) {
+        c.set_write_timeout(Some(opts.reply_timeout))?;
+    }
+    Ok(conn)
 }
 
 /// Moves `vm` to the destination. On `Completed` the caller must release the VM (it is paused
@@ -291,23 +331,11 @@ impl Run<'_> {
             credentials: self.opts.auth.load()?,
             encrypt_data: self.opts.encrypt_data,
         };
-        let conn = transport.connect(
-            &self.opts.destination,
-            self.opts.streams,
-            &ConnectOptions {
-                connect_timeout: self.opts.reply_timeout,
-                handshake_timeout: self.opts.reply_timeout,
-                ..ConnectOptions::default()
-            },
-        )?;
+        let conn = connect(transport, self.opts)?;
         self.aborts = std::iter::once(&conn.control)
             .chain(&conn.data)
             .map(|c| c.abort_handle())
             .collect();
-        // A write into a dead link fails in bounded time instead of hanging the migration.
-        for c in std::iter::once(&conn.control).chain(&conn.data) {
-            c.set_write_timeout(Some(self.opts.reply_timeout))?;
-        }
         faults::hold("source-handshake");
         let conn = secure::client(conn, &auth)?;
         let (mut control, ctl_source, _) = conn.control.into_parts();
@@ -321,19 +349,10 @@ impl Run<'_> {
             migration_id: self.opts.migration_id.clone(),
         };
         self.send(&mut *control, &Message::Hello(Box::new(hello)))?;
-        match inbox.wait(
+        inbox.wait_accept(
             "the destination's answer to the handshake",
             self.opts.reply_timeout,
-        )? {
-            Message::Accept => {}
-            Message::Refuse(why) => return Err(MigrationError::Refused(why)),
-            m => {
-                return Err(MigrationError::Unexpected {
-                    expected: "Accept",
-                    got: m.name(),
-                })
-            }
-        }
+        )?;
         let plane = {
             let timeout = self.opts.reply_timeout;
             let mut sent = 0u64;

@@ -314,6 +314,24 @@ impl Lab {
         (vm, serial)
     }
 
+    /// The usual start of a test: `guest` booted on host a as VM process 0 and a receiver on
+    /// host b as process 1 (migration `m1`), once the guest has checked its memory `passes`
+    /// times and the receiver listens; returns both and their serial logs.
+    pub fn pair(
+        &self,
+        guest: &str,
+        memory: &str,
+        cmdline: &str,
+        passes: u64,
+    ) -> (VmProcess, VmProcess, Vec<String>) {
+        let (source, serial0) = self.boot(0, guest, memory, cmdline, &[]);
+        let (dest, serial1) = self.receiver('b', 1, &[], &[]);
+        let logs = vec![serial0, serial1];
+        wait_checked(&logs, passes);
+        wait_listening(&logs[1]);
+        (source, dest, logs)
+    }
+
     /// Starts `godwit receive` as VM process `n` on host `h`, listening on port 7000 of its
     /// address for migration `m{n}`, with `extra` arguments and environment `env`.
     pub fn receiver(
@@ -521,6 +539,22 @@ impl Drop for VmProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// After a completed move: exactly one copy, on the destination. The source released the VM
+/// and exited cleanly, the destination serves it, and the guest, having checked its memory
+/// once more there, reports one uninterrupted life.
+pub fn assert_moved(source: &mut VmProcess, dest: &mut VmProcess, logs: &[String]) {
+    let st = source.wait_exit(Duration::from_secs(10));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "the source did not release the VM: {st:?}"
+    );
+    assert!(dest.is_running(), "the destination is not running");
+    dest.wait_api();
+    wait_checked(logs, 1);
+    let s = guest(logs);
+    assert!(s.healthy() && s.boots == 1, "the guest reports {s:?}");
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes (then panics naming `what`).
