@@ -198,6 +198,7 @@ fn send_options(m: &MigrateRequest) -> SendOptions {
             max_rounds: m.max_rounds.map(|r| r.max(1)),
             deadline: m.deadline_ms.map(Duration::from_millis),
             allow_throttle: m.allow_throttle,
+            allow_postcopy: m.allow_postcopy,
         },
         max_bandwidth: m.max_bandwidth,
         transport: m.transport,

@@ -65,6 +65,8 @@ pub struct MigrateRequest {
     pub deadline_ms: Option<u64>,
     /// Whether the guest may be throttled.
     pub allow_throttle: bool,
+    /// Whether the VM may be handed over before all of its memory (post-copy).
+    pub allow_postcopy: bool,
     /// Cap on bytes per second, if any.
     pub max_bandwidth: Option<u64>,
     /// Which data plane.

@@ -198,6 +198,71 @@ fn a_guest_dirtying_twice_the_link_rate_converges_when_throttling_is_allowed() {
     common::assert_moved(&mut source, &mut dest, &logs);
 }
 
+/// Post-copy, the last rung: the same guest, throttling forbidden. The VM moves with its state
+/// alone, runs on the destination at once, and fetches the pages it still misses while the
+/// rest streams in; the guest checks every page of its memory.
+#[test]
+fn a_guest_dirtying_twice_the_link_rate_moves_in_post_copy_when_it_is_allowed() {
+    if !common::can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("gwpostcopy", 57);
+    let (mut source, mut dest, logs) = lab.pair("dirtier", "256M", TWICE_THE_LINK, 1);
+
+    let args = [
+        "--max-bandwidth",
+        LINK,
+        "--allow-postcopy",
+        "--max-downtime",
+        "50ms",
+        "--deadline",
+        "60s",
+    ];
+    let f = lab.forecast(&source, 'b', 1, &args);
+    assert_eq!(f["precopy"]["converges"], false, "{f}");
+    assert_eq!(f["with_postcopy"]["converges"], true, "{f}");
+    assert!(
+        f["with_postcopy"]["postcopy_ms"].as_f64() > Some(0.0),
+        "{f}"
+    );
+    let r = lab.send(&source, 'b', 1, &args);
+    assert_eq!(r["outcome"], "completed", "{r}");
+    let steps = r["escalations"].as_array().cloned().unwrap_or_default();
+    let step = steps
+        .iter()
+        .find(|e| e["step"] == "postcopy")
+        .unwrap_or_else(|| panic!("no post-copy step: {r}"));
+    assert!(
+        step["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not converge")),
+        "{step}"
+    );
+    // The pause carried no pages: it is the state's alone (a loaded host may stretch it,
+    // never to a second).
+    assert!(r["predicted_downtime_ms"].as_f64() <= Some(50.0), "{r}");
+    let downtime = r["downtime_ms"].as_f64().unwrap();
+    assert!(downtime < 1000.0, "downtime {downtime} ms: {r}");
+    let pc = &r["postcopy"];
+    let stale = pc["stale_pages"].as_u64().unwrap_or_default();
+    assert!(stale > 0, "{r}");
+    // The guest ran on the destination while pages were missing, and waited for some.
+    assert!(pc["faults"].as_u64() > Some(0), "{r}");
+    eprintln!(
+        "post-copy: total {:.0} ms, downtime {downtime:.1} ms; {stale} stale pages moved in \
+         {:.0} ms, the guest waited for {} ({} fetched on demand, mean {} µs, longest {} µs)",
+        r["total_ms"].as_f64().unwrap_or_default(),
+        pc["ms"].as_f64().unwrap_or_default(),
+        pc["faults"],
+        pc["fetched"],
+        pc["mean_wait_us"],
+        pc["max_wait_us"]
+    );
+
+    common::assert_moved(&mut source, &mut dest, &logs);
+}
+
 /// `godwit forecast` measures the guest and the link to the waiting receiver, predicts, and
 /// moves nothing: the receiver goes on waiting and takes the VM afterwards.
 #[test]

@@ -326,6 +326,12 @@ struct MoveArgs {
     /// faster than pre-copy can catch up.
     #[arg(long)]
     allow_throttle: bool,
+    /// Let Godwit hand the VM over before all of its memory has crossed, when pre-copy
+    /// (throttled, if allowed) cannot converge in time; the destination fetches the rest on
+    /// demand. A failure of either host or the link until then loses the guest's newest
+    /// state (see the README). TCP data plane only.
+    #[arg(long)]
+    allow_postcopy: bool,
     /// Cap on the transfer rate, e.g. 100M (bytes per second).
     #[arg(long, value_parser = units::parse_size)]
     max_bandwidth: Option<u64>,
@@ -360,6 +366,7 @@ impl MoveArgs {
             max_rounds: self.max_rounds,
             deadline_ms: self.deadline.map(|d| d.as_millis() as u64),
             allow_throttle: self.allow_throttle,
+            allow_postcopy: self.allow_postcopy,
             max_bandwidth: self.max_bandwidth,
             transport: self.transport,
         })

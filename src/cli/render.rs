@@ -212,8 +212,12 @@ pub fn print_forecast(f: &Forecast) {
             } else {
                 String::new()
             };
+            let postcopy = p
+                .postcopy_ms
+                .map(|ms| format!(", then post-copy for {:.1} s", ms / 1e3))
+                .unwrap_or_default();
             println!(
-                "  {what}converges: total {:.1} s, downtime {:.1} ms, {} rounds{throttle}",
+                "  {what}converges: total {:.1} s, downtime {:.1} ms, {} rounds{throttle}{postcopy}",
                 p.total_ms / 1e3,
                 p.downtime_ms,
                 p.rounds
@@ -228,6 +232,9 @@ pub fn print_forecast(f: &Forecast) {
     line("pre-copy alone ", &f.precopy);
     if let Some(p) = &f.with_throttle {
         line("with throttling ", p);
+    }
+    if let Some(p) = &f.with_postcopy {
+        line("with post-copy  ", p);
     }
 }
 

@@ -14,6 +14,7 @@ use super::dataplane;
 use super::faults;
 use super::phase::{DestinationPhase, PhaseLog};
 use super::pipeline::{spawn_receivers, StreamEvent};
+use super::postcopy::{self, Landing};
 use super::protocol::{self, Hello, Message};
 use super::MigrationError;
 use crate::vmm::devices::SerialSink;
@@ -326,21 +327,25 @@ impl Session {
             sources.push(ch.into_parts().1);
         }
         self.go(DestinationPhase::Receiving);
+        let landing = Arc::new(Landing::default());
         // The threads end on their own when the source closes the streams.
         drop(spawn_receivers(
             vm.memory().clone(),
             sources,
             Arc::new(limits),
+            landing.clone(),
             events_tx,
         ));
 
         // Pages flow until the source switches over.
         let inbox = protocol::spawn_inbox(ctl_source);
         let mut rounds_done = vec![0u32; data_streams];
-        let (final_round, paused_at, state) = loop {
+        let mut stale = None;
+        let (final_round, paused_at, state, postcopy) = loop {
             select! {
                 recv(inbox) -> m => match m.map_err(|_| MigrationError::PeerVanished("pre-copy"))?? {
-                    Message::Switchover { final_round, paused_at_unix_ns, state } => break (final_round, paused_at_unix_ns, state),
+                    Message::Switchover { final_round, paused_at_unix_ns, state, postcopy } => break (final_round, paused_at_unix_ns, state, postcopy),
+                    Message::StalePages { region, first_word, words } => postcopy::take_stale(&mut stale, &hello.layout, region, first_word, &words)?,
                     Message::Abort(why) => return Err(MigrationError::PeerAborted(why)),
                     m => return Err(MigrationError::Unexpected { expected: "Switchover", got: m.name() }),
                 },
@@ -365,6 +370,12 @@ impl Session {
                 })?;
             stream_event(Some(e), &mut rounds_done)?;
         }
+
+        // Post-copy: the stale pages go, and a touch of one will wait for its fresh copy.
+        let postcopy = match (postcopy, stale) {
+            (true, Some(stale)) => Some(postcopy::arm(&vm, stale, &landing)?),
+            _ => None,
+        };
 
         // Load the state; run only after the commit.
         self.go(DestinationPhase::Restoring);
@@ -394,10 +405,40 @@ impl Session {
         }
         faults::hold("destination-commit");
         vm.resume()?;
+        let Some(pc) = postcopy else {
+            self.go(DestinationPhase::Running);
+            // The VM runs here now whatever happens to this message; the source releases on it.
+            let _ = send_message(&mut *control, &Message::Resumed);
+            return Ok(Served::Vm(Box::new(vm), final_round, plane.name));
+        };
+        self.go(DestinationPhase::PostCopy);
+        send_message(&mut *control, &Message::Resumed)?;
+        eprintln!("godwit: the VM runs here; post-copy: fetching the pages it still misses");
+        let run = postcopy::DestinationPostCopy {
+            pc: pc.clone(),
+            inbox: &inbox,
+            events: &events,
+            rounds_done: &rounds_done,
+            round: final_round + 1,
+            control: &mut *control,
+            idle: opts.idle_timeout,
+        };
+        match run.run() {
+            Ok(f) => eprintln!(
+                "godwit: post-copy done: the guest waited for {} pages, {} fetched on demand \
+                 (mean {} µs, longest {} µs)",
+                f.faults, f.fetched, f.mean_wait_us, f.max_wait_us
+            ),
+            Err(e) => {
+                // The guest's newest memory is split between the hosts: stop this copy before
+                // it can run on pages that never came.
+                let _ = vm.pause();
+                pc.disarm();
+                return Err(MigrationError::PostCopyLost(e.to_string()));
+            }
+        }
         self.go(DestinationPhase::Running);
-        // The VM runs here now whatever happens to this message; the source releases on it.
-        let _ = send_message(&mut *control, &Message::Resumed);
-        Ok(Served::Vm(Box::new(vm), final_round, plane.name))
+        Ok(Served::Vm(Box::new(vm), final_round + 1, plane.name))
     }
 }
 

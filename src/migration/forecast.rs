@@ -92,6 +92,10 @@ pub struct Prediction {
     /// Why it gives up, when it does.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why_not: Option<String>,
+    /// When it ends in post-copy: how long the VM runs on the destination while the last
+    /// stale pages arrive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy_ms: Option<f64>,
 }
 
 /// The forecast (also `godwit forecast --json`).
@@ -117,6 +121,9 @@ pub struct Forecast {
     /// With throttling, when `--allow-throttle` is given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub with_throttle: Option<Prediction>,
+    /// With post-copy (and throttling, if allowed), when `--allow-postcopy` is given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub with_postcopy: Option<Prediction>,
 }
 
 /// Measures the guest and the link, then predicts. The guest keeps running throughout.
@@ -140,6 +147,11 @@ pub fn forecast(
     };
     let precopy_limits = Limits {
         allow_throttle: false,
+        allow_postcopy: false,
+        ..opts.limits
+    };
+    let throttle_limits = Limits {
+        allow_postcopy: false,
         ..opts.limits
     };
     Ok(Forecast {
@@ -153,6 +165,10 @@ pub fn forecast(
         with_throttle: opts
             .limits
             .allow_throttle
+            .then(|| predict(&model, &throttle_limits, deadline)),
+        with_postcopy: opts
+            .limits
+            .allow_postcopy
             .then(|| predict(&model, &opts.limits, deadline)),
     })
 }
@@ -434,7 +450,21 @@ fn predict(model: &Model, limits: &Limits, deadline: Duration) -> Prediction {
                     rounds: round + 1,
                     throttle_percent: highest,
                     why_not: None,
+                    postcopy_ms: None,
                 }
+            }
+            Decision::PostCopy { .. } => {
+                // The pause carries the state alone; the stale pages follow at the link's rate.
+                let push = Duration::from_secs_f64(dirtied as f64 / e.page_bytes_per_sec);
+                return Prediction {
+                    converges: true,
+                    total_ms: (elapsed + e.fixed_pause + push).as_secs_f64() * 1e3,
+                    downtime_ms: e.fixed_pause.as_secs_f64() * 1e3,
+                    rounds: round + 1,
+                    throttle_percent: highest,
+                    why_not: None,
+                    postcopy_ms: Some(push.as_secs_f64() * 1e3),
+                };
             }
             Decision::GiveUp(why) => return gave_up(elapsed, round, highest, why),
             Decision::Throttle { percent, .. } => {
@@ -461,6 +491,7 @@ fn gave_up(at: Duration, rounds: u32, throttle: u32, why: String) -> Prediction 
         rounds,
         throttle_percent: throttle,
         why_not: Some(why),
+        postcopy_ms: None,
     }
 }
 

@@ -31,6 +31,7 @@ pub mod forecast;
 pub mod phase;
 pub mod pipeline;
 pub mod policy;
+pub mod postcopy;
 pub mod protocol;
 pub mod report;
 pub mod source;
@@ -126,6 +127,14 @@ pub enum MigrationError {
         /// Batches that arrived.
         received: u64,
     },
+    /// Post-copy failed on the destination: the VM there cannot go on.
+    #[error(
+        "post-copy failed: {0}; the guest's newest memory was split between the hosts, so its \
+         copy here is stopped and lost; the source keeps its paused copy, the guest as of the \
+         switchover: `godwit resume` it there (what the guest did here since is lost) or \
+         `godwit stop` it"
+    )]
+    PostCopyLost(String),
     /// A data stream failed on the destination.
     #[error("data stream {stream} failed: {error}")]
     Stream {

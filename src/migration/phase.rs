@@ -9,6 +9,11 @@
 //!                          any failure here: discard the VM
 //! ```
 //!
+//! Post-copy (`--allow-postcopy`) adds one phase on each side after the commit, `PostCopy`:
+//! the VM runs on the destination while the pages still stale there arrive. A failure of
+//! either side in it loses the guest's newest state (see the README); the source keeps its
+//! paused copy, as of the switchover, until the destination has every page.
+//!
 //! `Committed` is the point of no return: once the source has sent `Commit` it never runs the
 //! guest again on its own, because the destination may already be running it. Before that,
 //! any failure, cancel or timeout leaves the VM running on the source.
@@ -31,6 +36,8 @@ pub enum SourcePhase {
     AwaitRestored,
     /// `Commit` sent: the point of no return.
     Committed,
+    /// The VM runs on the destination, which fetches the pages still here (post-copy).
+    PostCopy,
     /// The destination confirmed it runs the VM; the source released it.
     Completed,
     /// Given up before the point of no return; the VM runs on the source.
@@ -49,7 +56,8 @@ impl SourcePhase {
             (PreCopy(_), StopAndCopy) => true,
             (StopAndCopy, AwaitRestored) => true,
             (AwaitRestored, Committed) => true,
-            (Committed, Completed) => true,
+            (Committed, Completed | PostCopy) => true,
+            (PostCopy, Completed | Failed) => true,
             (Handshake | PreCopy(_) | StopAndCopy | AwaitRestored, Failed | Cancelled) => true,
             // After the commit the source cannot take the VM back; a failure there is "in doubt"
             // and reported as failed with the VM left paused.
@@ -66,6 +74,7 @@ impl SourcePhase {
             Self::StopAndCopy => "stop_and_copy",
             Self::AwaitRestored => "await_restored",
             Self::Committed => "committed",
+            Self::PostCopy => "post_copy",
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
@@ -74,7 +83,7 @@ impl SourcePhase {
 
     /// Whether a failure in this phase must resume the VM on the source.
     pub fn resumes_on_failure(self) -> bool {
-        !matches!(self, Self::Committed | Self::Completed)
+        !matches!(self, Self::Committed | Self::PostCopy | Self::Completed)
     }
 }
 
@@ -90,6 +99,8 @@ pub enum DestinationPhase {
     Restoring,
     /// Loaded; waiting for the source's commit.
     AwaitCommit,
+    /// The VM runs here while the pages still stale here arrive (post-copy).
+    PostCopy,
     /// The VM runs here.
     Running,
     /// Given up; the VM here is discarded and never ran.
@@ -105,8 +116,12 @@ impl DestinationPhase {
             (Handshake, Receiving)
                 | (Receiving, Restoring)
                 | (Restoring, AwaitCommit)
-                | (AwaitCommit, Running)
-                | (Handshake | Receiving | Restoring | AwaitCommit, Failed)
+                | (AwaitCommit, Running | PostCopy)
+                | (PostCopy, Running)
+                | (
+                    Handshake | Receiving | Restoring | AwaitCommit | PostCopy,
+                    Failed
+                )
         )
     }
 }

@@ -25,6 +25,7 @@ use super::batch::{
     self, BatchEncoder, Compression, Decoded, EncodeWithError, MemoryLimits, MAX_BATCH_PAGES,
     PAGE_SIZE,
 };
+use super::postcopy::Landing;
 use super::MigrationError;
 use crate::vmm::memory::GuestMemory;
 
@@ -494,11 +495,13 @@ pub enum StreamEvent {
     },
 }
 
-/// Starts one thread per data stream that writes incoming pages into `memory`.
+/// Starts one thread per data stream that writes incoming pages into `memory`, as `landing`
+/// says (directly, or through post-copy's userfaultfd).
 pub fn spawn_receivers(
     memory: GuestMemory,
     sources: Vec<Box<dyn FrameSource>>,
     limits: Arc<MemoryLimits>,
+    landing: Arc<Landing>,
     events: Sender<StreamEvent>,
 ) -> Vec<JoinHandle<()>> {
     sources
@@ -506,10 +509,13 @@ pub fn spawn_receivers(
         .enumerate()
         .map(|(stream, source)| {
             let (memory, limits, events) = (memory.clone(), limits.clone(), events.clone());
+            let landing = landing.clone();
             std::thread::Builder::new()
                 .name(format!("page-receiver{stream}"))
                 .spawn(move || {
-                    if let Err(e) = receive_stream(&memory, source, &limits, stream, &events) {
+                    if let Err(e) =
+                        receive_stream(&memory, source, &limits, &landing, stream, &events)
+                    {
                         let _ = events.send(StreamEvent::Failed {
                             stream,
                             error: e.to_string(),
@@ -525,6 +531,7 @@ fn receive_stream(
     memory: &GuestMemory,
     mut source: Box<dyn FrameSource>,
     limits: &MemoryLimits,
+    landing: &Landing,
     stream: usize,
     events: &Sender<StreamEvent>,
 ) -> Result<(), MigrationError> {
@@ -544,21 +551,10 @@ fn receive_stream(
                     });
                 }
                 for gpa in b.zero_pages() {
-                    // Memory here starts zeroed; reading an untouched page does not allocate it.
-                    memory
-                        .read_slice(&mut probe, GuestAddress(gpa))
-                        .map_err(|e| MigrationError::Memory(e.to_string()))?;
-                    if probe.iter().any(|&x| x != 0) {
-                        probe.fill(0);
-                        memory
-                            .write_slice(&probe, GuestAddress(gpa))
-                            .map_err(|e| MigrationError::Memory(e.to_string()))?;
-                    }
+                    landing.place(memory, gpa, None, &mut probe)?;
                 }
                 for (gpa, data) in b.data_pages() {
-                    memory
-                        .write_slice(data, GuestAddress(gpa))
-                        .map_err(|e| MigrationError::Memory(e.to_string()))?;
+                    landing.place(memory, gpa, Some(data), &mut probe)?;
                 }
                 batches += 1;
             }

@@ -71,6 +71,9 @@ pub struct Limits {
     pub deadline: Option<Duration>,
     /// Whether the guest's vCPUs may be throttled to make pre-copy converge.
     pub allow_throttle: bool,
+    /// Whether the VM may move to the destination before all of its memory (post-copy),
+    /// when pre-copy (throttled, if allowed) cannot converge in time.
+    pub allow_postcopy: bool,
 }
 
 impl Default for Limits {
@@ -80,6 +83,7 @@ impl Default for Limits {
             max_rounds: None,
             deadline: None,
             allow_throttle: false,
+            allow_postcopy: false,
         }
     }
 }
@@ -119,6 +123,12 @@ pub enum Decision {
     Throttle {
         /// The new level.
         percent: u32,
+        /// The measurements that called for it.
+        why: String,
+    },
+    /// Pause the guest, hand it over with the state alone, and send the rest while it runs
+    /// on the destination.
+    PostCopy {
         /// The measurements that called for it.
         why: String,
     },
@@ -245,6 +255,13 @@ impl Estimates {
         );
         let out_of_time = now.elapsed >= now.deadline;
         let out_of_rounds = limits.max_rounds.is_some_and(|m| now.round >= m);
+        if limits.allow_postcopy {
+            if let Some(why) = self.postcopy_needed(limits, now, out_of_time || out_of_rounds) {
+                return Decision::PostCopy {
+                    why: format!("{why}: {rates}"),
+                };
+            }
+        }
         if out_of_time || out_of_rounds {
             let by = if out_of_time {
                 format!("by its deadline of {} s", now.deadline.as_secs())
@@ -256,10 +273,11 @@ impl Estimates {
             } else {
                 String::new()
             };
+            // With post-copy allowed, it would have been chosen instead of giving up.
             let allow = if limits.allow_throttle {
-                ""
+                "allow post-copy (--allow-postcopy), "
             } else {
-                "allow throttling (--allow-throttle), "
+                "allow throttling (--allow-throttle) or post-copy (--allow-postcopy), "
             };
             return Decision::GiveUp(format!(
                 "did not converge {by}{throttle}: {rates}; {allow}raise --max-downtime or \
@@ -275,6 +293,35 @@ impl Estimates {
             }
         }
         Decision::Continue
+    }
+
+    /// Why pre-copy should end in post-copy, if it should: it is out of time or rounds, or it
+    /// cannot converge before the deadline and throttling cannot help (forbidden, or at its
+    /// ceiling).
+    fn postcopy_needed(&self, limits: &Limits, now: &Standing, out: bool) -> Option<String> {
+        if out {
+            return Some("pre-copy ran out of time".into());
+        }
+        if limits.allow_throttle && now.throttle < MAX_THROTTLE {
+            return None;
+        }
+        let left = now.deadline.saturating_sub(now.elapsed);
+        let throttled = if now.throttle > 0 {
+            format!(" throttled to {}%", now.throttle)
+        } else {
+            String::new()
+        };
+        match self.precopy_time(now.remaining, limits.max_downtime) {
+            Some(t) if t <= left => None,
+            Some(t) => Some(format!(
+                "pre-copy{throttled} needs {:.0} s more and {:.0} s are left before the deadline",
+                t.as_secs_f64(),
+                left.as_secs_f64()
+            )),
+            None => Some(format!(
+                "pre-copy{throttled} does not converge at these rates"
+            )),
+        }
     }
 
     /// A higher throttle level and why, when pre-copy will not converge in time without one.
@@ -402,6 +449,49 @@ mod tests {
             calm.decide(&limits, &standing(1, 64 << 20, 1)),
             Decision::Continue
         );
+    }
+
+    #[test]
+    fn post_copy_comes_after_throttling_and_instead_of_giving_up() {
+        let e = outrun();
+        let postcopy = Limits {
+            allow_postcopy: true,
+            ..Limits::default()
+        };
+        // Pre-copy alone never converges: post-copy at once, saying why.
+        let Decision::PostCopy { why } = e.decide(&postcopy, &standing(1, 64 << 20, 1)) else {
+            panic!("should go post-copy");
+        };
+        assert!(why.contains("does not converge"), "{why}");
+        // Both allowed: the throttle first, post-copy once it is at its ceiling.
+        let both = Limits {
+            allow_throttle: true,
+            ..postcopy
+        };
+        assert!(matches!(
+            e.decide(&both, &standing(1, 64 << 20, 1)),
+            Decision::Throttle { .. }
+        ));
+        let at_max = Standing {
+            throttle: MAX_THROTTLE,
+            ..standing(5, 64 << 20, 5)
+        };
+        assert!(matches!(
+            e.decide(&both, &at_max),
+            Decision::PostCopy { .. }
+        ));
+        // A guest pre-copy handles is never handed over early, and at the deadline post-copy
+        // replaces giving up.
+        let mut calm = Estimates::default();
+        calm.record_round(50 << 20, Some(50 << 20), Duration::from_secs(1), 5 << 20);
+        assert_eq!(
+            calm.decide(&postcopy, &standing(1, 64 << 20, 1)),
+            Decision::Continue
+        );
+        assert!(matches!(
+            calm.decide(&postcopy, &standing(9, 64 << 20, 60)),
+            Decision::PostCopy { .. }
+        ));
     }
 
     #[test]

@@ -17,9 +17,16 @@ use crate::vmm::state::VmState;
 /// The control protocol's magic.
 const MAGIC: &[u8; 4] = b"GDWM";
 /// The version this build speaks. Bump it on any change to [`Message`] or the batch format.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The largest control message accepted (a VM state is about 10 KiB a vCPU).
 const MAX_MESSAGE: u64 = 2 << 20;
+
+/// Most pages in one `PageRequest`.
+pub const MAX_PAGE_REQUEST: usize = 256;
+/// Most pages in one `UrgentPages`.
+pub const MAX_URGENT_PAGES: usize = 64;
+/// Most bitmap words in one `StalePages` (1 MiB).
+pub const MAX_STALE_WORDS: usize = 1 << 17;
 
 /// What the source says first: everything the destination needs to judge and build the VM.
 #[derive(Debug, Serialize, Deserialize)]
@@ -36,6 +43,28 @@ pub struct Hello {
     pub streams: u16,
     /// The migration this is: the destination accepts only the one it was started for.
     pub migration_id: String,
+}
+
+/// A page the destination asked for in post-copy: its data, or empty for a zero page.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UrgentPage {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// The page (4 KiB), or empty when it is all zero.
+    pub data: Vec<u8>,
+}
+
+/// What post-copy cost the guest, measured on the destination.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct PostCopyFigures {
+    /// Pages the guest (or KVM for it) waited for.
+    pub faults: u64,
+    /// Of those, pages fetched from the source on demand (the rest arrived meanwhile).
+    pub fetched: u64,
+    /// The longest wait for a fetched page, in microseconds.
+    pub max_wait_us: u64,
+    /// The mean wait for a fetched page, in microseconds.
+    pub mean_wait_us: u64,
 }
 
 /// One control message.
@@ -93,7 +122,30 @@ pub enum Message {
         paused_at_unix_ns: u64,
         /// vCPU, interrupt controller, clock and device state.
         state: Box<VmState>,
+        /// Post-copy: the final round carried no pages; the stale ones (announced in
+        /// `StalePages`) follow while the VM runs on the destination.
+        postcopy: bool,
     },
+    /// Source to destination, in post-copy, before `Switchover`: part of the bitmap of pages
+    /// whose copy on the destination is stale (bit i of word w is page 64w+i of the region).
+    StalePages {
+        /// The RAM region.
+        region: u32,
+        /// The first word of the region these words start at.
+        first_word: u32,
+        /// The words.
+        words: Vec<u64>,
+    },
+    /// Destination to source, in post-copy: the guest waits for these pages (at most
+    /// [`MAX_PAGE_REQUEST`]).
+    PageRequest(Vec<u64>),
+    /// Source to destination, in post-copy: pages asked for, on the control channel, which
+    /// carries nothing else then, so they overtake the background push (at most
+    /// [`MAX_URGENT_PAGES`]).
+    UrgentPages(Vec<UrgentPage>),
+    /// Destination to source, in post-copy: every stale page has arrived; the source may
+    /// release its copy.
+    PostCopyDone(PostCopyFigures),
     /// Destination to source: all memory and state are loaded; waiting for the commit.
     Restored,
     /// Source to destination: the point of no return. The source will not run the VM again.
@@ -121,6 +173,10 @@ impl Message {
             Self::RdmaDecline(_) => "RdmaDecline",
             Self::RoundApplied(_) => "RoundApplied",
             Self::Switchover { .. } => "Switchover",
+            Self::StalePages { .. } => "StalePages",
+            Self::PageRequest(_) => "PageRequest",
+            Self::UrgentPages(_) => "UrgentPages",
+            Self::PostCopyDone(_) => "PostCopyDone",
             Self::Restored => "Restored",
             Self::Commit => "Commit",
             Self::Resumed => "Resumed",

@@ -163,4 +163,26 @@ pub struct Report {
     pub escalations: Vec<Escalation>,
     /// Each phase the source went through and how long it took.
     pub phases: Vec<PhaseTime>,
+    /// The post-copy phase, when the migration ended in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostCopyReport>,
+}
+
+/// What post-copy moved and what it cost the guest.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct PostCopyReport {
+    /// Pages stale on the destination when the VM moved (dirtied since they were sent).
+    pub stale_pages: u64,
+    /// Of those, pages sent on demand, ahead of the background push.
+    pub urgent_pages: u64,
+    /// From the VM running on the destination until it had every page.
+    pub ms: f64,
+    /// Pages the guest waited for on the destination.
+    pub faults: u64,
+    /// Of those, pages it waited for until the source sent them on demand.
+    pub fetched: u64,
+    /// Mean wait for such a page, in microseconds.
+    pub mean_wait_us: u64,
+    /// Longest wait for such a page, in microseconds.
+    pub max_wait_us: u64,
 }

@@ -19,9 +19,11 @@ use super::forecast;
 use super::phase::{PhaseLog, SourcePhase};
 use super::pipeline::{Interrupt, RateLimiter, SendPipeline};
 use super::policy::{CompressMode, Decision, Estimates, Limits, Standing};
+use super::postcopy::{self, SentPages};
 use super::protocol::{self, Hello, Message};
 use super::report::{
-    Escalation, Outcome, PauseSteps, PhaseTime, PlaneProbe, Progress, Report, RoundReport,
+    Escalation, Outcome, PauseSteps, PhaseTime, PlaneProbe, PostCopyReport, Progress, Report,
+    RoundReport,
 };
 use super::MigrationError;
 use crate::vmm::memory::{DirtyBitmap, PAGE_SIZE};
@@ -153,6 +155,7 @@ struct Run<'a> {
     deadline: Duration,
     escalations: Vec<Escalation>,
     eta: Eta,
+    postcopy: Option<PostCopyReport>,
 }
 
 /// Shuts every channel down when dropped.
@@ -219,6 +222,7 @@ pub fn migrate(
         deadline,
         escalations: Vec::new(),
         eta: Eta::default(),
+        postcopy: None,
     };
     let result = run.drive(transport, cancel, progress);
     for a in &run.aborts {
@@ -256,6 +260,16 @@ pub fn migrate(
                 Outcome::Failed
             };
             (outcome, Some(error), true)
+        }
+        Err(e) if run.phase.current() == SourcePhase::PostCopy => {
+            run.phase.go(SourcePhase::Failed, SourcePhase::can_go_to);
+            let error = format!(
+                "{e} in post-copy: the VM ran on the destination without all of its memory, so \
+                 its copy there cannot go on; this paused copy is the guest as of the \
+                 switchover: `godwit resume` it (what the guest did on the destination since is \
+                 lost) or `godwit stop` it"
+            );
+            (Outcome::Failed, Some(error), false)
         }
         Err(e) => {
             run.phase.go(SourcePhase::Failed, SourcePhase::can_go_to);
@@ -299,6 +313,7 @@ pub fn migrate(
         round_details: run.rounds,
         deadline_ms: run.deadline.as_secs_f64() * 1e3,
         escalations: run.escalations,
+        postcopy: run.postcopy,
         phases: run
             .phase
             .history()
@@ -418,6 +433,17 @@ impl Run<'_> {
         // link is woken before the pipeline waits for it.
         let _shutdown = ShutdownOnDrop(self.aborts.clone());
 
+        let mut limits = self.opts.limits;
+        if limits.allow_postcopy && self.transport_name != "tcp" {
+            // RDMA places pages straight into pinned guest memory, which post-copy's
+            // userfaultfd cannot see; the TCP plane is the one post-copy runs on.
+            eprintln!(
+                "godwit: post-copy runs on the TCP data plane only; it is off for this migration"
+            );
+            limits.allow_postcopy = false;
+        }
+        let mut postcopy = false;
+
         // Pre-copy.
         self.vm.set_dirty_logging(true)?;
         let layout = self.vm.layout().clone();
@@ -447,8 +473,14 @@ impl Run<'_> {
                 deadline: Some((self.started + self.deadline, self.deadline)),
                 round,
             };
-            let stats =
-                self.send_round(&mut pipeline, &dirty, compression, &interrupt, progress)?;
+            let stats = self.send_round(
+                &mut pipeline,
+                &dirty,
+                None,
+                compression,
+                &interrupt,
+                progress,
+            )?;
             match round {
                 1 => faults::hold("source-round-1"),
                 2 => faults::hold("source-round-2"),
@@ -477,7 +509,7 @@ impl Run<'_> {
                 deadline: self.deadline,
                 throttle: self.vm.throttle(),
             };
-            match self.estimates.decide(&self.opts.limits, &standing) {
+            match self.estimates.decide(&limits, &standing) {
                 Decision::Continue => {
                     round += 1;
                     self.go(SourcePhase::PreCopy(round));
@@ -495,6 +527,17 @@ impl Run<'_> {
                 }
                 Decision::Switchover { expected } => {
                     self.predicted = expected;
+                    break;
+                }
+                Decision::PostCopy { why } => {
+                    eprintln!("godwit: switching to post-copy after round {round}: {why}");
+                    self.escalations.push(Escalation {
+                        round,
+                        step: "postcopy".into(),
+                        detail: why,
+                    });
+                    self.predicted = self.estimates.fixed_pause;
+                    postcopy = true;
                     break;
                 }
                 Decision::GiveUp(why) => return Err(MigrationError::NotConverged(why)),
@@ -517,15 +560,34 @@ impl Run<'_> {
         // What the last pre-copy round left dirty, and what the guest wrote since.
         dirty.merge(&self.vm.take_dirty()?);
         let final_round = round + 1;
-        let pages = dirty.count();
+        // In post-copy the final round is empty: the stale pages follow once the VM runs on
+        // the destination, which learns here which of its pages are stale.
+        let (last, stale) = if postcopy {
+            (DirtyBitmap::empty(&layout), std::mem::take(&mut dirty))
+        } else {
+            (std::mem::take(&mut dirty), DirtyBitmap::default())
+        };
+        let pages = last.count();
         let compression = self.compression(final_round);
         let interrupt = Interrupt {
             cancel,
             deadline: None,
             round: final_round,
         };
-        let stats = self.send_round(&mut pipeline, &dirty, compression, &interrupt, &mut |_| {})?;
+        let stats = self.send_round(
+            &mut pipeline,
+            &last,
+            None,
+            compression,
+            &interrupt,
+            &mut |_| {},
+        )?;
         self.record(final_round, pages, &stats, pause.elapsed(), compression, 0);
+        if postcopy {
+            for m in postcopy::stale_messages(&stale) {
+                self.send(&mut *control, &m)?;
+            }
+        }
         let t_pages = pause.elapsed();
         let state = self.vm.save()?;
         let t_save = pause.elapsed();
@@ -535,6 +597,7 @@ impl Run<'_> {
                 final_round,
                 paused_at_unix_ns,
                 state: Box::new(state),
+                postcopy,
             },
         )?;
         self.go(SourcePhase::AwaitRestored);
@@ -569,6 +632,91 @@ impl Run<'_> {
             restore_ms: (t_restored - t_save).as_secs_f64() * 1e3,
             commit_ms: (self.downtime - t_restored).as_secs_f64() * 1e3,
         };
+        if postcopy {
+            self.go(SourcePhase::PostCopy);
+            self.postcopy(
+                &mut pipeline,
+                &mut *control,
+                &inbox,
+                (&stale, final_round + 1),
+                progress,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Post-copy: pushes every stale page in one background round while answering the
+    /// destination's page requests, until it reports every page arrived. The guest stays
+    /// paused here, so a page read now is the page the destination needs.
+    fn postcopy(
+        &mut self,
+        pipeline: &mut SendPipeline,
+        control: &mut dyn FrameSink,
+        inbox: &Inbox,
+        (stale, round): (&DirtyBitmap, u32),
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(), MigrationError> {
+        // Paused here, the guest dirties nothing: the ETA is the push alone.
+        self.estimates.dirty_bytes_per_sec = 0.0;
+        let started = Instant::now();
+        let layout = self.vm.layout().clone();
+        let memory = self.vm.memory().clone();
+        let sent = SentPages::new(&layout);
+        let push_ended = AtomicBool::new(false);
+        let timeout = self.opts.reply_timeout;
+        let aborts = self.aborts.clone();
+        let compression = self.compression(round);
+        let (pushed, served) = std::thread::scope(|s| {
+            let server = s.spawn(|| {
+                postcopy::serve_requests(
+                    control,
+                    &inbox.0,
+                    &memory,
+                    (stale, &layout),
+                    &sent,
+                    &push_ended,
+                    timeout,
+                )
+            });
+            // After the commit nothing cancels: finishing is the only way forward.
+            let never = AtomicBool::new(false);
+            let interrupt = Interrupt {
+                cancel: &never,
+                deadline: None,
+                round,
+            };
+            let pushed = self.send_round(
+                pipeline,
+                stale,
+                Some(&sent),
+                compression,
+                &interrupt,
+                progress,
+            );
+            push_ended.store(true, Ordering::Relaxed);
+            if pushed.is_err() {
+                // The server would wait for an answer that cannot come.
+                for a in &aborts {
+                    let _ = a.shutdown();
+                }
+            }
+            let served = server.join().unwrap_or(Err(MigrationError::PipelineClosed));
+            (pushed, served)
+        });
+        let stats = pushed?;
+        let served = served?;
+        let took = started.elapsed();
+        self.record(round, stats.pages, &stats, took, compression, 0);
+        let f = served.figures;
+        self.postcopy = Some(PostCopyReport {
+            stale_pages: stale.count(),
+            urgent_pages: served.urgent_pages,
+            ms: took.as_secs_f64() * 1e3,
+            faults: f.faults,
+            fetched: f.fetched,
+            mean_wait_us: f.mean_wait_us,
+            max_wait_us: f.max_wait_us,
+        });
         Ok(())
     }
 
@@ -612,10 +760,12 @@ impl Run<'_> {
         }
     }
 
+    /// Sends the pages marked in `dirty`, except those in `skip`, as one round.
     fn send_round(
         &mut self,
         pipeline: &mut SendPipeline,
         dirty: &DirtyBitmap,
+        skip: Option<&SentPages>,
         compression: Compression,
         interrupt: &Interrupt<'_>,
         progress: &mut dyn FnMut(&Progress),
@@ -632,40 +782,42 @@ impl Run<'_> {
         let max_downtime = self.opts.limits.max_downtime;
         let deadline_at = self.started + self.deadline;
         let eta = &mut self.eta;
-        let stats =
-            pipeline.send_round(round, dirty.pages(&layout), compression, interrupt, |s| {
-                let now = Instant::now();
-                if now.duration_since(last_report) < PROGRESS_INTERVAL {
-                    return;
-                }
-                last_report = now;
-                let secs = now.duration_since(started).as_secs_f64().max(1e-6);
-                let rate = (s.pages * PAGE_SIZE) as f64 / secs;
-                let remaining = total_pages.saturating_sub(s.pages) * PAGE_SIZE;
-                // The rest of this round, the rounds the rates still call for, the pause; or,
-                // if pre-copy does not converge at these rates, the deadline.
-                let round_left = remaining as f64 / rate.max(1.0);
-                let dirty_then = (dirty_rate * (secs + round_left)) as u64;
-                let estimate = match estimates.precopy_time(dirty_then, max_downtime) {
-                    Some(t) => round_left + (t + max_downtime).as_secs_f64(),
-                    None => deadline_at.saturating_duration_since(now).as_secs_f64(),
-                };
-                let basis = Basis {
-                    dirty_bytes_per_sec: dirty_rate,
-                    page_bytes_per_sec: rate,
-                };
-                let (eta_secs, eta_rose_because) = eta.update(now, estimate, basis);
-                progress(&Progress {
-                    round,
-                    transferred_bytes: sent_before + s.wire_bytes,
-                    remaining_bytes: remaining,
-                    rate_bytes_per_sec: rate,
-                    dirty_bytes_per_sec: dirty_rate,
-                    eta_secs,
-                    eta_rose_because,
-                    throttle_percent: throttle,
-                });
-            })?;
+        let pages = dirty
+            .pages(&layout)
+            .filter(|&gpa| !skip.is_some_and(|s| s.contains(gpa)));
+        let stats = pipeline.send_round(round, pages, compression, interrupt, |s| {
+            let now = Instant::now();
+            if now.duration_since(last_report) < PROGRESS_INTERVAL {
+                return;
+            }
+            last_report = now;
+            let secs = now.duration_since(started).as_secs_f64().max(1e-6);
+            let rate = (s.pages * PAGE_SIZE) as f64 / secs;
+            let remaining = total_pages.saturating_sub(s.pages) * PAGE_SIZE;
+            // The rest of this round, the rounds the rates still call for, the pause; or,
+            // if pre-copy does not converge at these rates, the deadline.
+            let round_left = remaining as f64 / rate.max(1.0);
+            let dirty_then = (dirty_rate * (secs + round_left)) as u64;
+            let estimate = match estimates.precopy_time(dirty_then, max_downtime) {
+                Some(t) => round_left + (t + max_downtime).as_secs_f64(),
+                None => deadline_at.saturating_duration_since(now).as_secs_f64(),
+            };
+            let basis = Basis {
+                dirty_bytes_per_sec: dirty_rate,
+                page_bytes_per_sec: rate,
+            };
+            let (eta_secs, eta_rose_because) = eta.update(now, estimate, basis);
+            progress(&Progress {
+                round,
+                transferred_bytes: sent_before + s.wire_bytes,
+                remaining_bytes: remaining,
+                rate_bytes_per_sec: rate,
+                dirty_bytes_per_sec: dirty_rate,
+                eta_secs,
+                eta_rose_because,
+                throttle_percent: throttle,
+            });
+        })?;
         self.bytes_sent += stats.wire_bytes;
         Ok(stats)
     }

@@ -146,6 +146,18 @@ impl MemoryLayout {
         self.total_bytes() / PAGE_SIZE
     }
 
+    /// The region and page index within it of the page at `gpa`, if `gpa` is page aligned
+    /// and in RAM.
+    pub fn locate(&self, gpa: u64) -> Option<(usize, u64)> {
+        if gpa % PAGE_SIZE != 0 {
+            return None;
+        }
+        self.regions
+            .iter()
+            .position(|r| gpa >= r.start && gpa < r.end())
+            .map(|i| (i, (gpa - self.regions[i].start) / PAGE_SIZE))
+    }
+
     /// Maps anonymous host memory for every region, asking for transparent huge pages as QEMU
     /// does: a fresh 4 KiB page costs a fault and a clear (3-4 µs on these nested hosts, 1 s per
     /// GiB), which bounds how fast a migration receiver can fill guest RAM; a 2 MiB page costs
@@ -171,7 +183,7 @@ impl MemoryLayout {
 }
 
 /// A dirty bitmap over the whole guest: one `u64` word per 64 pages, per region.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DirtyBitmap {
     /// One bitmap per region, in layout order; bit `i` is page `i` of that region.
     pub regions: Vec<Vec<u64>>,
@@ -195,6 +207,50 @@ impl DirtyBitmap {
             })
             .collect();
         Self { regions }
+    }
+
+    /// A bitmap of `layout` with no page marked.
+    pub fn empty(layout: &MemoryLayout) -> Self {
+        let mut b = Self::all(layout);
+        b.regions.iter_mut().flatten().for_each(|w| *w = 0);
+        b
+    }
+
+    /// Whether the page at `gpa` is marked.
+    pub fn contains(&self, layout: &MemoryLayout, gpa: u64) -> bool {
+        layout.locate(gpa).is_some_and(|(r, i)| {
+            self.regions
+                .get(r)
+                .and_then(|w| w.get((i / 64) as usize))
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+        })
+    }
+
+    /// Marks the pages of `words` (64 a word) from word `first` of region `region`; refuses
+    /// words outside the region or bits past its last page (from an untrusted peer).
+    pub fn mark_words(
+        &mut self,
+        layout: &MemoryLayout,
+        region: usize,
+        first: usize,
+        words: &[u64],
+    ) -> Result<(), String> {
+        let (Some(mine), Some(r)) = (self.regions.get_mut(region), layout.regions.get(region))
+        else {
+            return Err(format!("there is no RAM region {region}"));
+        };
+        let end = first
+            .checked_add(words.len())
+            .filter(|&e| e <= mine.len())
+            .ok_or_else(|| format!("words {first}.. lie outside RAM region {region}"))?;
+        let full = DirtyBitmap::all(&MemoryLayout { regions: vec![*r] });
+        for (i, (dst, &w)) in mine[first..end].iter_mut().zip(words).enumerate() {
+            if w & !full.regions[0][first + i] != 0 {
+                return Err(format!("bits past the end of RAM region {region}"));
+            }
+            *dst |= w;
+        }
+        Ok(())
     }
 
     /// Number of marked pages.

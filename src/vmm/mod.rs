@@ -10,6 +10,7 @@ pub mod memory;
 pub mod pvh;
 pub mod state;
 pub mod throttle;
+pub mod userfault;
 mod vcpu;
 
 use std::sync::{Arc, Mutex};
