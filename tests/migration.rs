@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::{
@@ -261,6 +262,81 @@ fn a_guest_dirtying_twice_the_link_rate_moves_in_post_copy_when_it_is_allowed() 
     );
 
     common::assert_moved(&mut source, &mut dest, &logs);
+}
+
+/// Post-copy's risk, shown: the receiver dies while the guest runs there without all of its
+/// memory. The source cannot take the VM back on its own (the guest ran on elsewhere): it
+/// stays paused and says so, and `godwit resume` runs the guest as of the switchover, its
+/// memory intact by its own check.
+#[test]
+fn a_receiver_lost_in_post_copy_leaves_the_guest_paused_on_the_source_as_of_the_switchover() {
+    if !common::can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("gwpclost", 58);
+    let hold = [(godwit::migration::faults::HOLD_VAR, "source-postcopy:4000")];
+    let (source, serial0) = lab.boot(0, "dirtier", "256M", TWICE_THE_LINK, &hold);
+    let (mut dest, serial1) = lab.receiver('b', 1, &[], &[]);
+    let logs = [serial0.clone(), serial1.clone()];
+    wait_checked(&logs, 1);
+    wait_listening(&serial1);
+
+    let args = [
+        "--max-bandwidth",
+        LINK,
+        "--allow-postcopy",
+        "--deadline",
+        "60s",
+        "--reply-timeout",
+        "5s",
+    ];
+    let mut send = lab
+        .send_command(&source, 'b', 1, &args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("godwit send");
+    wait_for(
+        Duration::from_secs(30),
+        "the VM to run on the destination in post-copy",
+        || {
+            std::fs::read_to_string(format!("{serial0}.stderr"))
+                .is_ok_and(|s| s.contains("holding at source-postcopy"))
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    dest.child.kill().unwrap();
+    wait_for(Duration::from_secs(30), "godwit send to end", || {
+        send.try_wait().unwrap().is_some()
+    });
+    let mut out = String::new();
+    std::io::Read::read_to_string(send.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no report ({e}): {out}"));
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(r["vm_on_source"], false, "{r}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("in post-copy"), "{error}");
+    assert!(error.contains("`godwit resume`"), "{error}");
+    let status = run_bounded(
+        lab.godwit('a', &["status", "--api", &source.api]),
+        Duration::from_secs(10),
+    );
+    let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(st["state"], "paused", "{st}");
+
+    // The operator's choice: run the guest as of the switchover here.
+    let resumed = run_bounded(
+        lab.godwit('a', &["resume", "--api", &source.api]),
+        Duration::from_secs(10),
+    );
+    assert!(resumed.status.success(), "{resumed:?}");
+    let here = [serial0];
+    wait_checked(&here, 1);
+    let s = guest(&here);
+    assert!(s.healthy() && s.boots == 1, "the guest reports {s:?}");
 }
 
 /// `godwit forecast` measures the guest and the link to the waiting receiver, predicts, and

@@ -11,6 +11,7 @@
 //! | `source-paused`      | source      | guest paused, before the last pages go             |
 //! | `source-committed`   | source      | `Commit` sent, before waiting for `Resumed`        |
 //! | `destination-commit` | destination | `Commit` received, before resuming the guest       |
+//! | `source-postcopy`    | source      | the VM runs on the destination, before post-copy   |
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -666,6 +666,7 @@ impl Run<'_> {
         let timeout = self.opts.reply_timeout;
         let aborts = self.aborts.clone();
         let compression = self.compression(round);
+        faults::hold("source-postcopy");
         let (pushed, served) = std::thread::scope(|s| {
             let server = s.spawn(|| {
                 postcopy::serve_requests(
