@@ -66,11 +66,12 @@ QEMU_SETTINGS = [
      {"multifd-channels": MULTIFD_CHANNELS, "downtime-limit": MAX_DOWNTIME_MS}),
 ]
 GODWIT_LABEL = "Godwit"
-# Godwit settings: (label, extra `godwit send` arguments); pre-copy alone, and with throttling
-# allowed (the counterpart of QEMU's auto-converge).
+# Godwit settings: (label, extra `godwit send` arguments); pre-copy alone, with throttling
+# allowed (the counterpart of QEMU's auto-converge), and with post-copy allowed.
 GODWIT_SETTINGS = [
     (GODWIT_LABEL, []),
     (f"{GODWIT_LABEL} --allow-throttle", ["--allow-throttle"]),
+    (f"{GODWIT_LABEL} --allow-postcopy", ["--allow-postcopy"]),
 ]
 # --deadline is set per size (the same deadline QEMU gets).
 GODWIT_SEND_ARGS = ["--no-encrypt", "--transport", "tcp", "--max-bandwidth", f"{LINK_MIB}M",
@@ -538,7 +539,8 @@ def run_godwit(work, n, elf, extra, wss_mb, rate, size, key):
             forecast = json.loads(fc.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
             raise RunError(f"godwit forecast printed nothing: {fc.stderr.strip()}")
-        predicted = forecast.get("with_throttle") or forecast["precopy"]
+        predicted = (forecast.get("with_postcopy") or forecast.get("with_throttle")
+                     or forecast["precopy"])
         report = os.path.join(work, f"m{n}-send.json")
         with open(report, "w") as rf:
             t0 = time.time()
@@ -662,7 +664,8 @@ def print_settings(qemu_shown, tsc, probe, size):
           "`godwit cancel`, reported as \"did not converge\" (the VM keeps running on the source).")
     print(f"- Godwit: `godwit send {' '.join(GODWIT_SEND_ARGS)} --deadline "
           f"{size['deadline']:.0f}s` (defaults otherwise: 2 streams, 2 threads, --compress auto), "
-          "and the same with --allow-throttle; each move follows a `godwit forecast` with the "
+          "and the same with --allow-throttle, and with --allow-postcopy (QEMU's post-copy is "
+          "not run); each move follows a `godwit forecast` with the "
           "same arguments (2 s sample).")
     for label, (caps, params) in qemu_shown.items():
         keys = ["downtime-limit", "max-bandwidth", "multifd-channels", "cpu-throttle-initial",
