@@ -5,7 +5,7 @@
 #
 # 1. ci/setup.sh                                      (toolchain, packages, /dev/kvm)
 # 2. cargo fmt --all -- --check
-# 3. cargo clippy --workspace --all-targets -- -D warnings
+# 3. cargo clippy --workspace --all-targets -- -D warnings  (and without the RDMA feature)
 # 4. cargo test --workspace --release [EXTRA...]      (the end-to-end tests boot VMs in their
 #                                                      own network labs: needs root and /dev/kvm)
 # 5. ci/rdmalab/test.sh                               (the RDMA tests on soft-RoCE, in a QEMU VM)
@@ -64,6 +64,7 @@ step() {
 
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
+step clippy-no-rdma cargo clippy -p godwit --no-default-features --all-targets -- -D warnings
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 step test cargo test --workspace --release "$@"
 # RDMA on real verbs: the soft-RoCE lab VM (this host's kernel has no RDMA).

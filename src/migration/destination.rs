@@ -18,6 +18,7 @@ use super::postcopy::{self, Landing};
 use super::protocol::{self, Hello, Message};
 use super::MigrationError;
 use crate::vmm::devices::SerialSink;
+use crate::vmm::memory::DirtyBitmap;
 use crate::vmm::state::missing_cpu_features;
 use crate::vmm::{self, Vm, VmConfig};
 
@@ -264,7 +265,7 @@ impl Session {
                     ));
                 }
                 send_message(&mut *control, &Message::Accept)?;
-                dataplane::probe::drain(&mut data, &mut |m| send_message(&mut *control, m))?;
+                dataplane::drain(&mut data, &mut |m| send_message(&mut *control, m))?;
                 return Ok(Served::LinkProbe);
             }
             // Say why, in this side's version: a source of another release reads that as
@@ -372,9 +373,13 @@ impl Session {
         }
 
         // Post-copy: the stale pages go, and a touch of one will wait for its fresh copy.
-        let postcopy = match (postcopy, stale) {
-            (true, Some(stale)) => Some(postcopy::arm(&vm, stale, &landing)?),
-            _ => None,
+        // (A source whose guest dirtied nothing since round 1 sends no stale pages; post-copy
+        // then ends as soon as the background round, empty, has.)
+        let postcopy = if postcopy {
+            let stale = stale.unwrap_or_else(|| DirtyBitmap::empty(&hello.layout));
+            Some(postcopy::arm(&vm, stale, &landing)?)
+        } else {
+            None
         };
 
         // Load the state; run only after the commit.

@@ -267,6 +267,26 @@ pub(crate) fn destination_plane(
     }
 }
 
+/// How long the destination waits for one plane's burst to end.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Drains one plane's burst and says so (a forecast's link probe, on TCP; the plane probe,
+/// on each plane).
+pub(crate) fn drain(
+    plane: &mut [Channel],
+    send: &mut dyn FnMut(&Message) -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    for c in plane.iter() {
+        c.set_read_timeout(Some(DRAIN_LIMIT))?;
+    }
+    let sources = plane
+        .iter_mut()
+        .map(|c| &mut *c.source as &mut dyn godwit_transport::FrameSource)
+        .collect();
+    godwit_transport::probe::drain(sources, DRAIN_LIMIT)?;
+    send(&Message::ProbeDrained)
+}
+
 #[cfg(feature = "rdma")]
 pub(crate) mod probe;
 #[cfg(feature = "rdma")]

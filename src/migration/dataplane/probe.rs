@@ -22,7 +22,7 @@
 use std::time::{Duration, Instant};
 
 use godwit_transport::probe::{self, frame_step, PROBE_FRAME};
-use godwit_transport::{Channel, FrameSink, FrameSource, TransportError};
+use godwit_transport::{Channel, FrameSink, TransportError};
 
 use super::rdma::{Placement, PROBE_KEY, PROBE_LEN};
 use crate::migration::protocol::Message;
@@ -32,9 +32,6 @@ use crate::migration::MigrationError;
 /// How long each plane's burst lasts: long enough to fill the pipes of a fast link, short
 /// next to any migration worth probing.
 pub const BURST: Duration = Duration::from_millis(200);
-
-/// How long the destination waits for one plane's burst to end.
-const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// RDMA is kept unless TCP beats it by more than this factor: on a near tie, zero copy
 /// leaves both hosts' CPUs to the guest and the compressor.
@@ -113,25 +110,9 @@ pub(crate) fn destination(
     send: &mut dyn FnMut(&Message) -> Result<(), MigrationError>,
 ) -> Result<(), MigrationError> {
     for plane in [tcp, rdma] {
-        drain(plane, send)?;
+        super::drain(plane, send)?;
     }
     Ok(())
-}
-
-/// Drains one plane's burst and says so.
-pub(crate) fn drain(
-    plane: &mut [Channel],
-    send: &mut dyn FnMut(&Message) -> Result<(), MigrationError>,
-) -> Result<(), MigrationError> {
-    for c in plane.iter() {
-        c.set_read_timeout(Some(DRAIN_LIMIT))?;
-    }
-    let sources = plane
-        .iter_mut()
-        .map(|c| &mut *c.source as &mut dyn FrameSource)
-        .collect();
-    probe::drain(sources, DRAIN_LIMIT)?;
-    send(&Message::ProbeDrained)
 }
 
 #[cfg(test)]
