@@ -17,8 +17,10 @@
 //!
 //! In the model a round of `t` seconds leaves `min(dirty rate x t, working set)` bytes dirty,
 //! a throttle of `p`% scales the dirty rate by `1 - p/100`, and each round costs a round
-//! trip besides its pages. It predicts pre-copy alone and, when `--allow-throttle` is given,
-//! with throttling; the migration's own report then shows what happened.
+//! trip besides its pages. It predicts pre-copy alone and, when `--allow-throttle` or
+//! `--allow-postcopy` is given, with those steps (post-copy: the pause carries the state alone
+//! and the stale pages follow at the link's rate); the migration's own report then shows what
+//! happened.
 
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};

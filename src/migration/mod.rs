@@ -21,6 +21,9 @@
 //!
 //! Until the source sends `Commit`, any failure, timeout or cancel resumes the VM on the source
 //! and the destination discards its copy, which never ran. See [`phase`] for the state machines.
+//!
+//! When pre-copy cannot converge and the user allows it, the final round carries no pages and
+//! the VM runs on the destination before all of its memory is there: [`postcopy`].
 
 pub mod batch;
 pub mod dataplane;
