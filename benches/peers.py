@@ -539,6 +539,8 @@ def run_godwit(work, n, elf, extra, wss_mb, rate, size, key):
             forecast = json.loads(fc.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
             raise RunError(f"godwit forecast printed nothing: {fc.stderr.strip()}")
+        with open(os.path.join(work, f"m{n}-forecast.json"), "w") as ff:
+            ff.write(fc.stdout)
         predicted = (forecast.get("with_postcopy") or forecast.get("with_throttle")
                      or forecast["precopy"])
         report = os.path.join(work, f"m{n}-send.json")
