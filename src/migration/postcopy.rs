@@ -48,6 +48,8 @@ use crate::vmm::Vm;
 
 /// How often the fault thread looks up from the userfaultfd to see whether it should stop.
 const FAULT_POLL: Duration = Duration::from_millis(50);
+/// How often the destination checks that no page asked for is overdue.
+const ASK_CHECK: Duration = Duration::from_millis(500);
 /// How often the source's request server looks up to see whether the push ended.
 const SERVE_POLL: Duration = Duration::from_millis(100);
 
@@ -225,8 +227,8 @@ pub(crate) fn take_stale(
 
 /// The destination, once the VM runs: catches its faults on stale pages, asks the source for
 /// them, places them as they come (asked for or pushed), and returns when every stale page is
-/// here and the background round `round` has ended on every stream. `idle` bounds how long
-/// nothing may arrive.
+/// here and the background round `round` has ended on every stream. `idle` bounds the wait
+/// for a page asked for; the streams' own read timeouts bound a silent push.
 pub(crate) struct DestinationPostCopy<'a> {
     pub pc: Arc<PostCopyMemory>,
     pub inbox: &'a Receiver<Result<Message, MigrationError>>,
@@ -346,10 +348,17 @@ impl DestinationPostCopy<'_> {
                     Ok(StreamEvent::Failed { stream, error }) => return Err(MigrationError::Stream { stream, error }),
                     Err(_) => return Err(MigrationError::PeerVanished("post-copy")),
                 },
-                default(self.idle) => return Err(MigrationError::Timeout {
-                    what: "pages from the source in post-copy",
-                    secs: self.idle.as_secs(),
-                }),
+                // The background push may outlast any one timeout; a silent source shows as
+                // a stream's read timeout (its `Failed` event), or as a page asked for and
+                // not sent.
+                default(ASK_CHECK) => {
+                    if asked.values().any(|at| at.elapsed() >= self.idle) {
+                        return Err(MigrationError::Timeout {
+                            what: "a page the guest waits for, asked of the source",
+                            secs: self.idle.as_secs(),
+                        });
+                    }
+                }
             }
         }
         figures.faults = fault_count.load(Ordering::Relaxed);
