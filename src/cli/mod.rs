@@ -17,6 +17,7 @@ use godwit::migration::dataplane::TransportMode;
 use godwit::migration::destination::{self, ReceiveOptions};
 use godwit::migration::policy::CompressMode;
 use godwit::migration::report::Outcome;
+use godwit::migration::MigrationError;
 use godwit::vmm::devices::SerialSink;
 use godwit::vmm::memory::MemoryLayout;
 use godwit::vmm::{Vm, VmConfig};
@@ -507,8 +508,14 @@ fn dispatch(cmd: Command) -> Result<i32> {
                 migration_id,
                 max_memory,
             };
-            let (vm, received) = destination::receive(&mut listener, &opts, serial_sink(host.serial.as_deref())?)
-                .context("the incoming migration failed; nothing runs here, the VM keeps running on its source")?;
+            let (vm, received) = match destination::receive(&mut listener, &opts, serial_sink(host.serial.as_deref())?) {
+                Ok(v) => v,
+                // Its message says where the guest is: the VM ran here, and is stopped.
+                Err(e @ MigrationError::PostCopyLost(_)) => return Err(e.into()),
+                Err(e) => return Err(anyhow::Error::new(e).context(
+                    "the incoming migration failed; nothing runs here, the VM keeps running on its source",
+                )),
+            };
             eprintln!(
                 "godwit: VM received over {} ({} MiB, {} rounds, {:.0} ms) and running here",
                 received.transport,

@@ -439,6 +439,7 @@ fn predict(model: &Model, limits: &Limits, deadline: Duration) -> Prediction {
         let now = Standing {
             round,
             remaining: dirtied,
+            sent: bytes,
             elapsed,
             deadline,
             throttle,

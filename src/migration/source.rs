@@ -505,6 +505,7 @@ impl Run<'_> {
             let standing = Standing {
                 round,
                 remaining: dirtied * PAGE_SIZE,
+                sent: pages * PAGE_SIZE,
                 elapsed: self.started.elapsed(),
                 deadline: self.deadline,
                 throttle: self.vm.throttle(),
