@@ -130,6 +130,19 @@ const TWICE_THE_LINK: &str = "hb_ms=20 wss_mb=128 rate_mbps=80 catchup=0";
 /// The link, capped (MiB/s).
 const LINK: &str = "40M";
 
+/// `send`'s arguments for that guest on that link with one escalation step allowed.
+fn escalating(step: &'static str) -> [&'static str; 7] {
+    [
+        "--max-bandwidth",
+        LINK,
+        step,
+        "--max-downtime",
+        "50ms",
+        "--deadline",
+        "60s",
+    ]
+}
+
 #[test]
 fn a_guest_dirtying_twice_the_link_rate_converges_when_throttling_is_allowed() {
     if !common::can_run() {
@@ -139,15 +152,7 @@ fn a_guest_dirtying_twice_the_link_rate_converges_when_throttling_is_allowed() {
     let lab = Lab::up("gwthrottle", 49);
     let (mut source, mut dest, logs) = lab.pair("dirtier", "256M", TWICE_THE_LINK, 1);
 
-    let args = [
-        "--max-bandwidth",
-        LINK,
-        "--allow-throttle",
-        "--max-downtime",
-        "50ms",
-        "--deadline",
-        "60s",
-    ];
+    let args = escalating("--allow-throttle");
     // Said beforehand: pre-copy alone would not make it, throttled it would.
     let f = lab.forecast(&source, 'b', 1, &args);
     assert_eq!(f["precopy"]["converges"], false, "{f}");
@@ -211,15 +216,7 @@ fn a_guest_dirtying_twice_the_link_rate_moves_in_post_copy_when_it_is_allowed() 
     let lab = Lab::up("gwpostcopy", 57);
     let (mut source, mut dest, logs) = lab.pair("dirtier", "256M", TWICE_THE_LINK, 1);
 
-    let args = [
-        "--max-bandwidth",
-        LINK,
-        "--allow-postcopy",
-        "--max-downtime",
-        "50ms",
-        "--deadline",
-        "60s",
-    ];
+    let args = escalating("--allow-postcopy");
     let f = lab.forecast(&source, 'b', 1, &args);
     assert_eq!(f["precopy"]["converges"], false, "{f}");
     assert_eq!(f["with_postcopy"]["converges"], true, "{f}");
