@@ -58,7 +58,7 @@ lab 600 "$bin rdma:: --test-threads=1 && tests/lab/rdma_migration.sh && tests/la
 not_passed=()
 for fault in receiver_killed source_killed link_cut link_stalled; do
     rc=0
-    lab 480 "GODWIT_RXE_LAB=1 $faults --test-threads=1 --nocapture $fault" || rc=$?
+    lab 600 "GODWIT_RXE_LAB=1 $faults --test-threads=1 --nocapture $fault" || rc=$?
     ((rc == 0)) || not_passed+=("$fault (exit $rc)")
 done
 if ((${#not_passed[@]})); then
