@@ -121,7 +121,7 @@ EXTRA_LIBS=(libgcc_s.so.1 libstdc++.so.6 libm.so.6 libz.so.1 libnl-3.so.200 libn
 # Kernel modules wanted (their dependencies come along); NAME or "NAME PARAMS".
 MODULES=(crc32c_generic nfnetlink nf_tables crc32_generic ib_core ib_uverbs udp_tunnel ip6_udp_tunnel rdma_rxe iw_cm ib_cm rdma_cm
     rdma_ucm configfs veth virtio virtio_ring virtio_pci 9pnet 9pnet_virtio 9p qemu_fw_cfg
-    irqbypass kvm ccp "kvm_amd nrips=0")
+    irqbypass kvm ccp "kvm_amd nrips=0 npt=0")
 
 # Everything the image depends on, to know when to rebuild it.
 inputs() {

@@ -219,8 +219,11 @@ impl VcpuThread {
             }
             match self.fd.run() {
                 Ok(exit) => {
-                    if let Some(event) = handle_exit(self.id, exit, &self.io) {
+                    if let Some(mut event) = handle_exit(self.id, exit, &self.io) {
                         running = false;
+                        if let VmEvent::Crashed(why) = &mut event {
+                            why.push_str(&self.where_it_stopped());
+                        }
                         let _ = self.events.send(event);
                     }
                 }
@@ -251,6 +254,28 @@ impl VcpuThread {
             }
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// Where a crashed vCPU stood, for the crash report: without it a triple fault says nothing
+    /// about which instruction, stack or page tables the guest had.
+    fn where_it_stopped(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                " at rip {:#x} (cs {:#x}, ring {}), rsp {:#x}, rflags {:#x}, cr0 {:#x}, cr2 {:#x}, \
+                 cr3 {:#x}, cr4 {:#x}, efer {:#x}",
+                r.rip,
+                s.cs.selector,
+                s.cs.dpl,
+                r.rsp,
+                r.rflags,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => format!(" (its registers could not be read: {e})"),
+        }
     }
 
     /// Serves `req` and replies; false when the thread must end.

@@ -4,10 +4,8 @@
 #
 #   ci/rdmalab/run.sh -- tests/lab/rdma_receiver_killed.sh
 #
-# (It was once left out of CI: in 2 of 35 runs the source's guest triple-faulted after the
-# failed migration, in TCP runs too, never on the host's own KVM. Those crashes, and a soft
-# lockup of the lab kernel in kcompactd, went away with THP and proactive compaction off inside
-# the lab: page migration under the emulated nested paging, not Godwit. See ci/rdmalab/init.)
+# (A guest nested in the lab has now and then crashed on its own, in TCP runs too, never on
+# the host's own KVM: ci/rdmalab/README.md says what the lab does about it.)
 set -eu
 
 . "$(dirname "$0")/common.sh"

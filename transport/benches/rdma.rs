@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use godwit_transport::rdma::{
-    raise_memlock_limit, Device, EndpointInfo, MemoryArea, RdmaEndpoint, RdmaError, RdmaOptions,
-    RegisteredMemory, RemoteMemory,
+    raise_memlock_limit, Device, EndpointInfo, Exposure, MemoryArea, RdmaEndpoint, RdmaError,
+    RdmaOptions, RegisteredMemory, RemoteMemory,
 };
 use godwit_transport::{
     AbortHandle, Channel, ConnectOptions, FrameSink, FrameSource, TcpTransport, Transport,
@@ -188,20 +188,26 @@ fn main() {
     // SAFETY: `mem_a` outlives the registration (declared before it, dropped
     // after it) and is neither moved nor read/written while WRITEs run.
     let reg_a: RegisteredMemory = unsafe {
-        a.register_memory(&[MemoryArea {
-            key: 0,
-            ptr: mem_a.as_mut_ptr(),
-            len: AREA,
-        }])
+        a.register_memory(
+            &[MemoryArea {
+                key: 0,
+                ptr: mem_a.as_mut_ptr(),
+                len: AREA,
+            }],
+            Exposure::Local,
+        )
     }
     .expect("register A");
     // SAFETY: as above, for `mem_b` (written only by A's WRITEs, never read).
     let reg_b: RegisteredMemory = unsafe {
-        b.register_memory(&[MemoryArea {
-            key: 0,
-            ptr: mem_b.as_mut_ptr(),
-            len: AREA,
-        }])
+        b.register_memory(
+            &[MemoryArea {
+                key: 0,
+                ptr: mem_b.as_mut_ptr(),
+                len: AREA,
+            }],
+            Exposure::RemoteWrite,
+        )
     }
     .expect("register B");
     let remote = RemoteMemory::from_bytes(&reg_b.descriptor()).expect("B's descriptor");

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use godwit_transport::rdma::{
-    EndpointInfo, MemoryArea, RdmaEndpoint, RdmaError, RegisteredMemory, RemoteMemory,
+    EndpointInfo, Exposure, MemoryArea, RdmaEndpoint, RdmaError, RegisteredMemory, RemoteMemory,
 };
 use godwit_transport::Channel;
 
@@ -51,7 +51,8 @@ pub struct SourceRdma {
     pub registration: Duration,
 }
 
-/// Registers guest `memory` and `scratch` (at [`PROBE_KEY`]) with `endpoint`.
+/// Registers guest `memory` and `scratch` (at [`PROBE_KEY`]) with `endpoint`, writable by the
+/// peer only where pages land (`exposure`).
 ///
 /// # Safety
 /// Every area of `memory` must stay mapped until the returned registration is dropped, and
@@ -60,6 +61,7 @@ unsafe fn register(
     endpoint: &mut RdmaEndpoint,
     memory: &[(u64, *mut u8, usize)],
     scratch: &mut [u8],
+    exposure: Exposure,
 ) -> Result<RegisteredMemory, RdmaError> {
     let mut areas: Vec<MemoryArea> = memory
         .iter()
@@ -71,7 +73,7 @@ unsafe fn register(
         len: scratch.len(),
     });
     // SAFETY: the caller guarantees that every area outlives the registration.
-    unsafe { endpoint.register_memory(&areas) }
+    unsafe { endpoint.register_memory(&areas, exposure) }
 }
 
 /// Why no endpoint could be opened, in one line: short when the host has no RDMA at all.
@@ -107,15 +109,16 @@ pub fn source(
     // SAFETY: the areas are the VM's guest RAM mappings, which live as long as the VM (the
     // engine holds `&mut Vm` for the whole migration and drops the plane before returning
     // it), and the scratch, which moves into the `Placement` that owns the registration.
-    let local = match unsafe { register(&mut endpoint, &side.memory, &mut scratch) } {
-        Ok(m) => m,
-        Err(e) => {
-            (side.send)(&Message::UseTcp)?;
-            return Ok(Err(format!(
-                "registering guest memory for RDMA failed ({e})"
-            )));
-        }
-    };
+    let local =
+        match unsafe { register(&mut endpoint, &side.memory, &mut scratch, Exposure::Local) } {
+            Ok(m) => m,
+            Err(e) => {
+                (side.send)(&Message::UseTcp)?;
+                return Ok(Err(format!(
+                    "registering guest memory for RDMA failed ({e})"
+                )));
+            }
+        };
     let registration = started.elapsed();
     (side.send)(&Message::RdmaOffer(endpoint.local_info().to_bytes()))?;
     let (theirs, memory) = match (side.wait)()? {
@@ -162,9 +165,10 @@ pub fn destination(
     // SAFETY: the areas are the incoming VM's guest RAM mappings, which live as long as the
     // VM (the plane holding this registration is dropped before the VM can be), and the
     // scratch, which moves into the `DestinationRdma` that owns the registration.
-    let registered = unsafe { register(&mut endpoint, &memory, &mut scratch) }.map_err(|e| {
-        format!("registering guest memory for RDMA failed on the destination ({e})")
-    })?;
+    let registered =
+        unsafe { register(&mut endpoint, &memory, &mut scratch, Exposure::RemoteWrite) }.map_err(
+            |e| format!("registering guest memory for RDMA failed on the destination ({e})"),
+        )?;
     let info = endpoint.local_info().to_bytes();
     let channels = endpoint
         .connect(&theirs)

@@ -375,9 +375,9 @@ impl RdmaEndpoint {
     /// area is named by its `key` (the engine's guest physical address);
     /// areas must not overlap in key space.
     ///
-    /// The regions allow REMOTE_WRITE: on the destination the peer writes
-    /// into them; the source never sends its descriptor, so its rkeys stay
-    /// unknown to the peer.
+    /// `exposure` says whether the peer may write the regions: only where
+    /// pages land. Either way they are registered writable by this host (see
+    /// [`Exposure::Local`]).
     ///
     /// # Safety
     /// Each `ptr..ptr+len` must be readable and writable memory that stays
@@ -385,7 +385,11 @@ impl RdmaEndpoint {
     /// [`RegisteredMemory`] is dropped; the device may read and, on the
     /// destination, the peer may write it at any time while it is registered
     /// (see [`ProtectionDomain::register_raw`]).
-    pub unsafe fn register_memory(&self, areas: &[MemoryArea]) -> Result<RegisteredMemory> {
+    pub unsafe fn register_memory(
+        &self,
+        areas: &[MemoryArea],
+        exposure: Exposure,
+    ) -> Result<RegisteredMemory> {
         if areas.is_empty() || areas.len() > MAX_MEMORY_AREAS {
             return Err(RdmaError::InvalidArgument(format!(
                 "{} memory areas, expected 1..={MAX_MEMORY_AREAS}",
@@ -400,7 +404,7 @@ impl RdmaEndpoint {
             // SAFETY: forwarded from this function's contract: the area stays
             // mapped until the RegisteredMemory (which owns the region) is
             // dropped.
-            let mr = unsafe { self.pd.register_raw(a.ptr, a.len, Access::REMOTE_WRITE) }?;
+            let mr = unsafe { self.pd.register_raw(a.ptr, a.len, exposure.access()) }?;
             out.push(LocalArea {
                 key: a.key,
                 len: a.len,
@@ -408,6 +412,31 @@ impl RdmaEndpoint {
             });
         }
         Ok(RegisteredMemory { areas: out })
+    }
+}
+
+/// Who may write memory registered with [`RdmaEndpoint::register_memory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    /// Only this host: the source, whose pages leave as RDMA WRITEs and
+    /// which never hands out a key to them. Still registered for local
+    /// write: a read-only registration pins each page as it is now (an
+    /// untouched page is the shared zero page), and a page the guest writes
+    /// afterwards is copied away from the pinned one, so the device would
+    /// send stale data. Write access makes the kernel give every page its
+    /// own frame before pinning it.
+    Local,
+    /// The peer may write it with RDMA WRITEs: the destination, where
+    /// pages land.
+    RemoteWrite,
+}
+
+impl Exposure {
+    fn access(self) -> Access {
+        match self {
+            Exposure::Local => Access::LOCAL_WRITE,
+            Exposure::RemoteWrite => Access::REMOTE_WRITE,
+        }
     }
 }
 

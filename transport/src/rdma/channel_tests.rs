@@ -281,9 +281,16 @@ fn write_pages_places_pages_in_the_peers_memory() {
     // SAFETY: the mappings are declared before the registrations and so
     // outlive them; nothing holds a reference into them while transfers run
     // (reads happen only after the frame that follows the pages arrived).
-    let ma = unsafe { a.register_memory(&[a_low.area(0), a_high.area(HIGH_KEY)]) }.expect("reg A");
+    let ma = unsafe { a.register_memory(&[a_low.area(0), a_high.area(HIGH_KEY)], Exposure::Local) }
+        .expect("reg A");
     // SAFETY: as above.
-    let mb = unsafe { b.register_memory(&[b_high.area(HIGH_KEY), b_low.area(0)]) }.expect("reg B");
+    let mb = unsafe {
+        b.register_memory(
+            &[b_high.area(HIGH_KEY), b_low.area(0)],
+            Exposure::RemoteWrite,
+        )
+    }
+    .expect("reg B");
     let remote = RemoteMemory::from_bytes(&mb.descriptor()).expect("descriptor");
     let (mut ca, mut cb) = connect(&mut a, &mut b);
     let pages_total = (LOW + HIGH) / PAGE;
@@ -376,6 +383,41 @@ fn write_pages_places_pages_in_the_peers_memory() {
 }
 
 #[test]
+fn the_sources_memory_refuses_the_peers_writes() {
+    let Some((mut a, mut b)) = endpoints(1, small()) else {
+        return;
+    };
+    let a_mem = Mapping::new(MIB);
+    let mut b_mem = Mapping::new(MIB);
+    b_mem.fill(&mut Rng(7));
+    // SAFETY: the mappings outlive the registrations (declared before them).
+    let ma = unsafe { a.register_memory(&[a_mem.area(0)], Exposure::Local) }.expect("reg A");
+    // SAFETY: as above.
+    let mb = unsafe { b.register_memory(&[b_mem.area(0)], Exposure::RemoteWrite) }.expect("reg B");
+    // Even a peer that learned the source's keys (the source never sends them) cannot write.
+    let a_keys = RemoteMemory::from_bytes(&ma.descriptor()).expect("descriptor");
+    let (ca, mut cb) = connect(&mut a, &mut b);
+    let sink = cb[0].sink.as_rdma().expect("an RDMA sink");
+    let e = sink
+        .write_pages(&mb, &a_keys, &[(0, PAGE)])
+        .and_then(|()| sink.flush())
+        .expect_err("a WRITE into memory registered as Exposure::Local must fail");
+    eprintln!("refused: {e}");
+    assert!(
+        matches!(&e, TransportError::Rdma { broken: true, detail, .. } if detail.contains("access")),
+        "{e:?}"
+    );
+    assert!(
+        a_mem.read(0, PAGE).iter().all(|&x| x == 0),
+        "the source's page was written"
+    );
+    drop(ca);
+    drop(cb);
+    drop(ma);
+    drop(mb);
+}
+
+#[test]
 fn write_pages_outside_the_areas_is_refused_before_posting() {
     let Some((mut a, mut b)) = endpoints(1, small()) else {
         return;
@@ -384,9 +426,9 @@ fn write_pages_outside_the_areas_is_refused_before_posting() {
     a_mem.fill(&mut Rng(99));
     let b_mem = Mapping::new(MIB);
     // SAFETY: the mappings outlive the registrations (declared before them).
-    let ma = unsafe { a.register_memory(&[a_mem.area(0)]) }.expect("reg A");
+    let ma = unsafe { a.register_memory(&[a_mem.area(0)], Exposure::Local) }.expect("reg A");
     // SAFETY: as above.
-    let mb = unsafe { b.register_memory(&[b_mem.area(0)]) }.expect("reg B");
+    let mb = unsafe { b.register_memory(&[b_mem.area(0)], Exposure::RemoteWrite) }.expect("reg B");
     let remote = RemoteMemory::from_bytes(&mb.descriptor()).expect("descriptor");
     let (mut ca, mut cb) = connect(&mut a, &mut b);
     let (ch_a, ch_b) = (&mut ca[0], &mut cb[0]);
@@ -458,9 +500,9 @@ fn peer_death_fails_the_sender_in_bounded_time() {
     let a_mem = Mapping::new(MIB);
     let b_mem = Mapping::new(MIB);
     // SAFETY: the mappings outlive the registrations (declared before them).
-    let ma = unsafe { a.register_memory(&[a_mem.area(0)]) }.expect("reg A");
+    let ma = unsafe { a.register_memory(&[a_mem.area(0)], Exposure::Local) }.expect("reg A");
     // SAFETY: as above.
-    let mb = unsafe { b.register_memory(&[b_mem.area(0)]) }.expect("reg B");
+    let mb = unsafe { b.register_memory(&[b_mem.area(0)], Exposure::RemoteWrite) }.expect("reg B");
     let remote = RemoteMemory::from_bytes(&mb.descriptor()).expect("descriptor");
     let (mut ca, mut cb) = connect(&mut a, &mut b);
     let mut buf = Vec::new();

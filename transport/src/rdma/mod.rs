@@ -45,8 +45,8 @@ mod test_support;
 mod tests;
 
 pub use channel::{
-    EndpointInfo, MemoryArea, RdmaEndpoint, RdmaOptions, RdmaSink, RdmaSource, RegisteredMemory,
-    RemoteArea, RemoteMemory, EOS_IMM, MAX_MEMORY_AREAS, MAX_RDMA_FRAME,
+    EndpointInfo, Exposure, MemoryArea, RdmaEndpoint, RdmaOptions, RdmaSink, RdmaSource,
+    RegisteredMemory, RemoteArea, RemoteMemory, EOS_IMM, MAX_MEMORY_AREAS, MAX_RDMA_FRAME,
 };
 pub use cq::{CompletionQueue, WcOpcode, WcStatus, WorkCompletion};
 pub use device::{Context, Device, Gid, Mtu, PortInfo};
