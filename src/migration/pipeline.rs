@@ -267,10 +267,14 @@ impl SendPipeline {
                 }
             }
         };
+        // Checked before every batch, the tail batches of a short round included: a round
+        // of the paused guest's last few pages fills no batch, and a cancel while paused
+        // must still resume the guest here.
         let dispatch = |stream: usize,
                         batch: Vec<u64>,
                         outstanding: &mut usize|
          -> Result<(), MigrationError> {
+            interrupt.check()?;
             let job = Job {
                 round,
                 stream,
@@ -288,11 +292,12 @@ impl SendPipeline {
             *outstanding += 1;
             Ok(())
         };
+        // A round with no pages dispatches nothing, yet is interrupted all the same.
+        interrupt.check()?;
         for gpa in pages {
             let s = ((gpa / PAGE_SIZE as u64 / CHUNK_PAGES) % n) as usize;
             pending[s].push(gpa);
             if pending[s].len() == BATCH_PAGES {
-                interrupt.check()?;
                 let batch = std::mem::replace(&mut pending[s], Vec::with_capacity(BATCH_PAGES));
                 dispatch(s, batch, &mut outstanding)?;
                 collect(false, &mut outstanding, &mut total)?;
@@ -589,6 +594,56 @@ fn receive_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts the frames it is given; the pipeline's logic needs no real channel.
+    struct CountingSink(Arc<AtomicUsize>);
+
+    impl FrameSink for CountingSink {
+        fn send(&mut self, _: &[&[u8]]) -> Result<(), godwit_transport::TransportError> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+
+        fn flush(&mut self) -> Result<(), godwit_transport::TransportError> {
+            Ok(())
+        }
+    }
+
+    /// A cancel stops a round however few pages it has: the paused guest's last round is
+    /// often smaller than one batch, and a cancel then must still leave the VM on its source.
+    #[test]
+    fn a_cancel_stops_a_round_smaller_than_a_batch() {
+        let layout = crate::vmm::memory::MemoryLayout::for_size(16 << 20).unwrap();
+        let memory = layout.allocate().unwrap();
+        let frames = Arc::new(AtomicUsize::new(0));
+        let sinks: Vec<Box<dyn FrameSink>> = vec![Box::new(CountingSink(frames.clone()))];
+        let mut pipeline = SendPipeline::new(memory, sinks, 1, None, None, Duration::from_secs(5));
+        let cancel = AtomicBool::new(false);
+        let interrupt = Interrupt {
+            cancel: &cancel,
+            deadline: None,
+            round: 3,
+        };
+        let few = || (0..3u64).map(|i| i * PAGE_SIZE as u64);
+        pipeline
+            .send_round(3, few(), Compression::None, &interrupt, |_| {})
+            .unwrap();
+        let sent = frames.load(Ordering::Relaxed);
+        assert!(sent > 0, "an uncancelled round sends its pages");
+
+        cancel.store(true, Ordering::Relaxed);
+        for pages in [few().collect::<Vec<_>>(), Vec::new()] {
+            let r =
+                pipeline.send_round(3, pages.into_iter(), Compression::None, &interrupt, |_| {});
+            assert!(matches!(r, Err(MigrationError::Cancelled)), "{r:?}");
+        }
+        assert_eq!(
+            frames.load(Ordering::Relaxed),
+            sent,
+            "a cancelled round sent frames"
+        );
+    }
 
     /// Catching up never lets a sender beat the cap by more than the catch-up burst.
     #[test]
