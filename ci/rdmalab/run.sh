@@ -154,7 +154,11 @@ APPEND="console=ttyS0 loglevel=4 panic=-1 rdinit=/init mitigations=off 8250.nr_u
 : >"$RUN/status.log"
 now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
 T0=$(now_ms)
+# -d cpu_reset: the lab VM has now and then stopped with no word on its console; QEMU then
+# logs "Triple fault" here when the emulated CPU reset itself, which tells that from a QEMU
+# crash (its exit status) or a kernel panic (the console).
 qemu-system-x86_64 -nodefaults -no-user-config -display none -monitor none -no-reboot \
+    -d cpu_reset -D "$RUN/reset.log" \
     -machine pc,accel=tcg -cpu "$CPU" -smp "$SMP" -m "$MEM" \
     -kernel "$VMLINUX" -initrd "$INITRD" -append "$APPEND" \
     -serial "file:$RUN/console.log" -serial "file:$RUN/status.log" \
@@ -223,7 +227,9 @@ if [[ $code =~ ^[0-9]+$ ]]; then
     ((RC == 124)) && what="exit 124 (timed out after $TIMEOUT s inside the VM)"
 else
     RC=125
-    what="NO EXIT STATUS (${WHY:-the VM stopped without reporting one}; last console lines below)"
+    why=${WHY:-the VM stopped without reporting one: QEMU exited with status $QRC}
+    grep -q 'Triple fault' "$RUN/reset.log" 2>/dev/null && why="$why after a triple fault of the lab's CPU"
+    what="NO EXIT STATUS ($why; last console lines below)"
     tail -n 25 "$RUN/console.log" 2>/dev/null | tr -d '\r' | sed 's/^/run.sh:   /' >&2 || true
 fi
 say "boot $(secs $((READY - T0))) s (QEMU start to command start; guest uptime ${up:-?} s)," \
