@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use godwit::migration::batch::{
     decode, encode_end_of_round, BatchEncoder, Compression, Decoded, MemoryLimits, PAGE_SIZE,
 };
-use godwit::migration::protocol::{self, Hello, Message};
+use godwit::migration::protocol::{self, Hello, Message, PostCopyFigures, UrgentPage};
 use godwit::vmm::memory::MemoryLayout;
 use godwit_transport::secure::{self, AuthOptions, Credentials, Psk, SealedSink, SealedSource};
 use godwit_transport::{
@@ -181,6 +181,32 @@ fn control_messages_decode_or_refuse() {
         },
         Message::RdmaDecline("no device".into()),
         Message::RoundApplied(9),
+        Message::ProbeLink {
+            migration_id: "m1".into(),
+            streams: 2,
+        },
+        Message::StalePages {
+            region: 0,
+            first_word: 3,
+            words: vec![u64::MAX, 5],
+        },
+        Message::PageRequest(vec![0x1000, 0x7000]),
+        Message::UrgentPages(vec![
+            UrgentPage {
+                gpa: 0x2000,
+                data: vec![7; PAGE_SIZE],
+            },
+            UrgentPage {
+                gpa: 0x3000,
+                data: Vec::new(),
+            },
+        ]),
+        Message::PostCopyDone(PostCopyFigures {
+            faults: 9,
+            fetched: 4,
+            max_wait_us: 800,
+            mean_wait_us: 150,
+        }),
         Message::Restored,
         Message::Commit,
         Message::Resumed,
